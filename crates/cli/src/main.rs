@@ -1,0 +1,39 @@
+//! `oxvirt`: one binary, one subcommand per tool. Each subcommand module only
+//! parses arguments, calls into a library crate and prints the result.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod img;
+
+#[derive(Parser)]
+#[command(
+    name = "oxvirt",
+    version,
+    about = "A virtualization host: images, VMM, load balancer, manager"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// qemu-img compatible image tool.
+    Img(img::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Img(args) => img::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("oxvirt: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's main job: build oxvirt and show it working on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --workspace
+ox=target/release/oxvirt
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== oxvirt img: a qcow2 round trip"
+$ox img create -f qcow2 "$work/disk.qcow2" 64M
+$ox img info "$work/disk.qcow2"
+$ox img convert -f qcow2 -O raw "$work/disk.qcow2" "$work/disk.raw"
+$ox img compare "$work/disk.qcow2" "$work/disk.raw"
+$ox img check "$work/disk.qcow2"
