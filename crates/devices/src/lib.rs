@@ -1,0 +1,8 @@
+//! Emulated devices, each behind the [`BusDevice`] trait the VMM's buses
+//! dispatch to. Legacy devices sit on the port-I/O bus, virtio-mmio devices on
+//! the MMIO bus; virtio devices do their I/O on threads of their own, never on
+//! a vCPU thread.
+
+mod bus;
+
+pub use bus::{BusDevice, GuestMemory, Interrupt};
