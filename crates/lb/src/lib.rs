@@ -1,0 +1,4 @@
+//! `oxvirt lb`: an nginx-stream compatible L4 load balancer on tokio.
+
+pub mod config;
+pub mod vars;
