@@ -1,0 +1,15 @@
+//! The small runtime every workload shares: port I/O, the serial console,
+//! the exit port, boot information, command-line parameters, the TSC, and
+//! the failure type that ends a run with `PROBE DONE fail: <why>`.
+
+pub mod bootinfo;
+pub mod console;
+pub mod cpuid;
+pub mod exception;
+pub mod exit;
+pub mod fail;
+pub mod io;
+pub mod lapic;
+mod libc;
+pub mod params;
+pub mod tsc;
