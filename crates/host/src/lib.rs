@@ -6,5 +6,5 @@
 //! knows it.
 
 pub mod cgroup;
-
+pub mod net;
 pub mod size;
