@@ -6,10 +6,14 @@
 
 mod paths;
 mod probe;
+mod qemu;
 mod skip;
 
 pub use paths::{peer_dir, probe_binary, target_dir, workspace_root};
 pub use probe::{ProbeOutput, ProbeResult};
+pub use qemu::{
+    probe_kernel, qemu_binary, qemu_firmware_dir, require_qemu, run_vm, Microvm, VmRun,
+};
 pub use skip::{require, require_kvm, require_root};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
