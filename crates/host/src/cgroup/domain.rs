@@ -7,7 +7,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::files::{mkdir, read, read_ids, rmdir, write};
-use super::layout::{Layout, V1Mount, V2Mount};
+use super::layout::{CgroupVersion, Layout, V1Mount, V2Mount};
 use super::{CgroupError, Controller};
 
 /// How long [`DomainCgroup::destroy`] waits for killed tasks to leave.
@@ -48,6 +48,16 @@ impl ParentGroup {
         ParentGroup {
             path: path.into(),
             under_own: false,
+        }
+    }
+
+    /// oxvirt's default: `oxvirt` below the caller's own group on v1 and
+    /// hybrid hosts; on v2-only hosts below the root, since v2 cannot enable
+    /// controllers below a group that holds processes (the caller's own).
+    pub fn default_for(layout: &Layout) -> Self {
+        match layout.version() {
+            CgroupVersion::V2 => ParentGroup::at_root("oxvirt"),
+            CgroupVersion::V1 | CgroupVersion::Hybrid => ParentGroup::under_own("oxvirt"),
         }
     }
 
@@ -579,7 +589,15 @@ fn enable_v2_controllers(dir: &Path, wanted: &[Controller]) -> Result<(), Cgroup
     if to_enable.is_empty() {
         return Ok(());
     }
-    write(&dir.join("cgroup.subtree_control"), &to_enable.join(" "))
+    let file = dir.join("cgroup.subtree_control");
+    match write(&file, &to_enable.join(" ")) {
+        Err(CgroupError::Write { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+            Err(CgroupError::InternalProcesses {
+                path: dir.to_owned(),
+            })
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]

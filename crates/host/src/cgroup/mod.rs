@@ -116,6 +116,11 @@ pub enum CgroupError {
     Missing { path: PathBuf },
     #[error("cgroup {path} still holds tasks {tasks:?}; kill or move them before removing it")]
     NotEmpty { path: PathBuf, tasks: Vec<u32> },
+    #[error(
+        "cannot enable controllers below cgroup {path}: it holds processes itself \
+         (cgroup v2's no-internal-process rule); put the domains' parent elsewhere"
+    )]
+    InternalProcesses { path: PathBuf },
     #[error("parsing {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("domain {domain}: the {controller:?} controller is not available on this host")]
