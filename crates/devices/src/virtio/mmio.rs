@@ -305,7 +305,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return self.fail("DRIVER_OK without FEATURES_OK");
         }
         if let Some(i) = self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
-            return self.fail(&format!("queue {i} is not ready or lies outside guest memory"));
+            return self.fail(&format!(
+                "queue {i} is not ready or lies outside guest memory"
+            ));
         }
         let queue_events = match self
             .queue_events
@@ -320,7 +322,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for q in &mut self.queues {
             q.set_event_idx(event_idx);
         }
-        let queues = match self.queues.iter().map(|q| QueueSnapshot::of(q).to_queue()).collect() {
+        let queues = match self
+            .queues
+            .iter()
+            .map(|q| QueueSnapshot::of(q).to_queue())
+            .collect()
+        {
             Ok(queues) => queues,
             Err(e) => return self.fail(&format!("copying queue state: {e}")),
         };

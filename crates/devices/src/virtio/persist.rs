@@ -154,9 +154,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .queues
             .iter()
             .enumerate()
-            .map(|(index, q)| q.to_queue().map_err(|source| TransportError::Queue { index, source }))
+            .map(|(index, q)| {
+                q.to_queue()
+                    .map_err(|source| TransportError::Queue { index, source })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut transport = MmioTransport::new(device, mem, irq).map_err(TransportError::EventFd)?;
+        let mut transport =
+            MmioTransport::new(device, mem, irq).map_err(TransportError::EventFd)?;
         transport.queues = queues;
         transport.status = state.status;
         transport.acked_features = state.acked_features;

@@ -17,10 +17,7 @@ pub(crate) struct WorkerThread<T> {
 impl<T: Send + 'static> WorkerThread<T> {
     /// Runs `body` on a new thread named `name`; `body` must return soon
     /// after the EventFd it is given becomes readable.
-    pub fn spawn(
-        name: &str,
-        body: impl FnOnce(EventFd) -> T + Send + 'static,
-    ) -> io::Result<Self> {
+    pub fn spawn(name: &str, body: impl FnOnce(EventFd) -> T + Send + 'static) -> io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let worker_stop = stop.try_clone()?;
         let handle = std::thread::Builder::new()

@@ -14,11 +14,16 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::request::{self, check_sectors, Parsed, Request, RequestType, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
+use super::request::{
+    self, check_sectors, Parsed, Request, RequestType, DISCARD_SEGMENT_SIZE, SECTOR_SIZE,
+};
 use super::{BlockConfig, BlockCounters, BlockError, BlockStats, CacheMode};
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
 use crate::virtio::worker::{drain, EventLoop, WorkerThread};
-use crate::virtio::{read_config_bytes, ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice,
+    COMMON_FEATURES,
+};
 use crate::GuestMemory;
 
 /// Largest discard / write-zeroes request, in sectors (QEMU's limit).
@@ -43,7 +48,9 @@ struct Shared {
 
 fn lock(limiter: &Mutex<RateLimiter>) -> MutexGuard<'_, RateLimiter> {
     // A panic while holding the lock leaves a limiter that is still valid.
-    limiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    limiter
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A handle for the control socket: counters and run-time throttle changes,
@@ -67,7 +74,11 @@ impl BlockHandle {
     }
 
     /// Replaces the limits; requests waiting under the old ones retry at once.
-    pub fn set_throttle(&self, read: LimiterConfig, write: LimiterConfig) -> Result<(), BlockError> {
+    pub fn set_throttle(
+        &self,
+        read: LimiterConfig,
+        write: LimiterConfig,
+    ) -> Result<(), BlockError> {
         RateLimiter::new(read)?;
         RateLimiter::new(write)?;
         lock(&self.shared.read_limiter).update(read)?;
@@ -89,12 +100,19 @@ pub struct Block {
 
 impl Block {
     pub fn new(disk: Arc<dyn BlockDevice>, config: BlockConfig) -> Result<Self, BlockError> {
-        if config.serial.as_ref().is_some_and(|s| s.len() > VIRTIO_BLK_ID_BYTES as usize) {
+        if config
+            .serial
+            .as_ref()
+            .is_some_and(|s| s.len() > VIRTIO_BLK_ID_BYTES as usize)
+        {
             return Err(BlockError::SerialTooLong {
                 serial: config.serial.clone().unwrap_or_default(),
             });
         }
-        if !config.queue_size.is_power_of_two() || config.queue_size < 2 || config.queue_size > 32768 {
+        if !config.queue_size.is_power_of_two()
+            || config.queue_size < 2
+            || config.queue_size > 32768
+        {
             return Err(BlockError::QueueSize(config.queue_size));
         }
         let shared = Arc::new(Shared {
@@ -169,7 +187,10 @@ impl VirtioDevice for Block {
 
     fn avail_features(&self) -> u64 {
         let bit = |b: u32| 1u64 << b;
-        let mut f = COMMON_FEATURES | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH);
+        let mut f = COMMON_FEATURES
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH);
         if self.read_only {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
@@ -183,16 +204,33 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!("virtio-blk: {}-byte write to read-only config at {offset:#x}; ignored", data.len());
+        tracing::warn!(
+            "virtio-blk: {}-byte write to read-only config at {offset:#x}; ignored",
+            data.len()
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         const DEVICE: &str = "virtio-blk";
         let got = ctx.queues.len();
-        let (Some(queue), Some(queue_evt)) = (ctx.queues.into_iter().next(), ctx.queue_events.into_iter().next()) else {
-            return Err(ActivateError::QueueCount { device: DEVICE, expected: 1, got });
+        let (Some(queue), Some(queue_evt)) = (
+            ctx.queues.into_iter().next(),
+            ctx.queue_events.into_iter().next(),
+        ) else {
+            return Err(ActivateError::QueueCount {
+                device: DEVICE,
+                expected: 1,
+                got,
+            });
         };
-        let kick = self.shared.kick.try_clone().map_err(|source| ActivateError::EventFd { device: DEVICE, source })?;
+        let kick = self
+            .shared
+            .kick
+            .try_clone()
+            .map_err(|source| ActivateError::EventFd {
+                device: DEVICE,
+                source,
+            })?;
         let worker = BlockWorker {
             mem: ctx.mem,
             queue,
@@ -208,8 +246,13 @@ impl VirtioDevice for Block {
             buffer: AlignedBuffer::new(CHUNK),
             throttled: false,
         };
-        let thread = WorkerThread::spawn("virtio-blk", move |stop| worker.run(stop))
-            .map_err(|source| ActivateError::Thread { device: DEVICE, source })?;
+        let thread =
+            WorkerThread::spawn("virtio-blk", move |stop| worker.run(stop)).map_err(|source| {
+                ActivateError::Thread {
+                    device: DEVICE,
+                    source,
+                }
+            })?;
         self.worker = Some(thread);
         Ok(())
     }
@@ -437,8 +480,11 @@ impl BlockWorker {
             let mut done = 0u32;
             while done < seg.len {
                 if pos == filled {
-                    let n = (CHUNK as u64).min(total - (disk_offset - req.sector * SECTOR_SIZE)) as usize;
-                    self.disk.read_at(self.buffer.get(n), disk_offset).map_err(|e| io_error("read", &e))?;
+                    let n = (CHUNK as u64).min(total - (disk_offset - req.sector * SECTOR_SIZE))
+                        as usize;
+                    self.disk
+                        .read_at(self.buffer.get(n), disk_offset)
+                        .map_err(|e| io_error("read", &e))?;
                     disk_offset += n as u64;
                     filled = n;
                     pos = 0;
@@ -475,19 +521,27 @@ impl BlockWorker {
                 fill += n;
                 done += n as u32;
                 if fill == CHUNK {
-                    self.disk.write_at(self.buffer.get(fill), disk_offset).map_err(|e| io_error("write", &e))?;
+                    self.disk
+                        .write_at(self.buffer.get(fill), disk_offset)
+                        .map_err(|e| io_error("write", &e))?;
                     disk_offset += fill as u64;
                     fill = 0;
                 }
             }
         }
         if fill > 0 {
-            self.disk.write_at(self.buffer.get(fill), disk_offset).map_err(|e| io_error("write", &e))?;
+            self.disk
+                .write_at(self.buffer.get(fill), disk_offset)
+                .map_err(|e| io_error("write", &e))?;
         }
         if self.cache == CacheMode::Writethrough {
-            self.disk.flush().map_err(|e| io_error("flush after write", &e))?;
+            self.disk
+                .flush()
+                .map_err(|e| io_error("flush after write", &e))?;
         }
-        self.shared.counters.write_done(req.data_len(), elapsed_ns(start));
+        self.shared
+            .counters
+            .write_done(req.data_len(), elapsed_ns(start));
         Ok(Completion::ok(0))
     }
 
@@ -522,7 +576,11 @@ impl BlockWorker {
         let segments = self.discard_segments(req)?;
         let mut bytes = 0;
         for (sector, count, flags) in segments {
-            let unmap_allowed = if req.kind == RequestType::Discard { 0 } else { 1 };
+            let unmap_allowed = if req.kind == RequestType::Discard {
+                0
+            } else {
+                1
+            };
             if flags & !unmap_allowed != 0 || count > MAX_DISCARD_SECTORS as u64 {
                 return Err(VIRTIO_BLK_S_UNSUPP);
             }
@@ -546,20 +604,29 @@ impl BlockWorker {
     /// write-zeroes request.
     fn discard_segments(&self, req: &Request) -> Result<Vec<(u64, u64, u32)>, u32> {
         let len = req.data_len();
-        if len == 0 || len % DISCARD_SEGMENT_SIZE != 0 || len / DISCARD_SEGMENT_SIZE > u64::from(MAX_DISCARD_SEGMENTS) {
+        if len == 0
+            || len % DISCARD_SEGMENT_SIZE != 0
+            || len / DISCARD_SEGMENT_SIZE > u64::from(MAX_DISCARD_SEGMENTS)
+        {
             tracing::warn!("virtio-blk: discard/write-zeroes payload of {len} bytes");
             return Err(VIRTIO_BLK_S_IOERR);
         }
         let mut raw = Vec::with_capacity(len as usize);
         for seg in &req.data {
             let mut part = vec![0u8; seg.len as usize];
-            self.mem.read_slice(&mut part, seg.addr).map_err(|e| io_error("reading discard segments", &e))?;
+            self.mem
+                .read_slice(&mut part, seg.addr)
+                .map_err(|e| io_error("reading discard segments", &e))?;
             raw.extend_from_slice(&part);
         }
         Ok(raw
             .chunks_exact(DISCARD_SEGMENT_SIZE as usize)
             .map(|s| {
-                let word = |r: std::ops::Range<usize>| s[r].iter().rev().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+                let word = |r: std::ops::Range<usize>| {
+                    s[r].iter()
+                        .rev()
+                        .fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+                };
                 (word(0..8), word(8..12), word(12..16) as u32)
             })
             .collect())

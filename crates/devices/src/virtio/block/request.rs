@@ -43,7 +43,11 @@ pub enum RequestError {
     #[error("data length {0} is not a multiple of 512 bytes")]
     Unaligned(u64),
     #[error("sectors {sector}..+{count} lie beyond the disk's {capacity} sectors")]
-    OutOfRange { sector: u64, count: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        count: u64,
+        capacity: u64,
+    },
 }
 
 /// The operation a request asks for.
@@ -152,14 +156,22 @@ pub fn parse(chain: DescriptorChain<&GuestMemory>, capacity: u64) -> Parsed {
     let mem = chain.memory();
     let descs = match collect(chain.clone()) {
         Ok(d) => d,
-        Err(e) => return Parsed { status: None, request: Err(e) },
+        Err(e) => {
+            return Parsed {
+                status: None,
+                request: Err(e),
+            }
+        }
     };
     match locate_status(mem, &descs) {
         Ok(addr) => Parsed {
             status: Some(addr),
             request: parse_body(mem, &descs, capacity),
         },
-        Err(e) => Parsed { status: None, request: Err(e) },
+        Err(e) => Parsed {
+            status: None,
+            request: Err(e),
+        },
     }
 }
 
@@ -178,8 +190,14 @@ fn locate_status(mem: &GuestMemory, descs: &[Descriptor]) -> Result<GuestAddress
     Ok(last.addr().unchecked_add(u64::from(last.len()) - 1))
 }
 
-fn parse_body(mem: &GuestMemory, descs: &[Descriptor], capacity: u64) -> Result<Request, RequestError> {
-    if let Some(index) = (1..descs.len()).find(|&i| !descs[i].is_write_only() && descs[i - 1].is_write_only()) {
+fn parse_body(
+    mem: &GuestMemory,
+    descs: &[Descriptor],
+    capacity: u64,
+) -> Result<Request, RequestError> {
+    if let Some(index) =
+        (1..descs.len()).find(|&i| !descs[i].is_write_only() && descs[i - 1].is_write_only())
+    {
         return Err(RequestError::ReadableAfterWritable { index });
     }
     let head = &descs[0];
@@ -189,7 +207,8 @@ fn parse_body(mem: &GuestMemory, descs: &[Descriptor], capacity: u64) -> Result<
     for (index, d) in descs.iter().enumerate() {
         check_in_memory(mem, index, d)?;
     }
-    let (kind, sector) = read_header(mem, head.addr()).map_err(|e| RequestError::Header(e.to_string()))?;
+    let (kind, sector) =
+        read_header(mem, head.addr()).map_err(|e| RequestError::Header(e.to_string()))?;
     let kind = RequestType::from_u32(kind);
     let (readable, writable) = data_segments(descs);
     let data = if kind.data_is_writable() {

@@ -19,7 +19,10 @@ use super::tap::{Tap, VNET_HDR_LEN};
 use super::{NetConfig, NetError};
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
 use crate::virtio::worker::{drain, EventLoop, WorkerThread};
-use crate::virtio::{read_config_bytes, ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice,
+    COMMON_FEATURES,
+};
 use crate::GuestMemory;
 
 /// Largest frame we move: a 64 KiB packet, an Ethernet header and VLAN tag.
@@ -69,7 +72,9 @@ struct Shared {
 }
 
 fn lock(limiter: &Mutex<RateLimiter>) -> MutexGuard<'_, RateLimiter> {
-    limiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    limiter
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Counters and run-time throttle changes from any thread.
@@ -95,7 +100,10 @@ impl NetHandle {
 
     /// (rx, tx) limits in force.
     pub fn throttle(&self) -> (LimiterConfig, LimiterConfig) {
-        (lock(&self.shared.rx_limiter).config(), lock(&self.shared.tx_limiter).config())
+        (
+            lock(&self.shared.rx_limiter).config(),
+            lock(&self.shared.tx_limiter).config(),
+        )
     }
 
     /// Replaces the limits; traffic waiting under the old ones retries at once.
@@ -161,7 +169,11 @@ impl Net {
     fn config_space(&self) -> [u8; 8] {
         let mut c = [0u8; 8];
         c[..6].copy_from_slice(&self.config.mac.0);
-        let status = if self.link_up() { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        let status = if self.link_up() {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
         c[6..8].copy_from_slice(&status.to_le_bytes());
         c
     }
@@ -178,7 +190,10 @@ impl VirtioDevice for Net {
 
     fn avail_features(&self) -> u64 {
         let bit = |b: u32| 1u64 << b;
-        COMMON_FEATURES | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF)
+        COMMON_FEATURES
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -186,7 +201,10 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!("virtio-net: {}-byte config write at {offset:#x}; ignored (no CTRL_MAC_ADDR)", data.len());
+        tracing::warn!(
+            "virtio-net: {}-byte config write at {offset:#x}; ignored (no CTRL_MAC_ADDR)",
+            data.len()
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -197,7 +215,11 @@ impl VirtioDevice for Net {
         let (Some(rx_queue), Some(tx_queue), Some(rx_evt), Some(tx_evt)) =
             (queues.next(), queues.next(), evts.next(), evts.next())
         else {
-            return Err(ActivateError::QueueCount { device: DEVICE, expected: 2, got });
+            return Err(ActivateError::QueueCount {
+                device: DEVICE,
+                expected: 2,
+                got,
+            });
         };
         let Some(tap) = self.tap.take() else {
             return Err(ActivateError::Backend {
@@ -205,7 +227,14 @@ impl VirtioDevice for Net {
                 what: "the tap was lost when a previous worker died".to_owned(),
             });
         };
-        let kick = self.shared.kick.try_clone().map_err(|source| ActivateError::EventFd { device: DEVICE, source })?;
+        let kick = self
+            .shared
+            .kick
+            .try_clone()
+            .map_err(|source| ActivateError::EventFd {
+                device: DEVICE,
+                source,
+            })?;
         let worker = NetWorker {
             mem: ctx.mem,
             queues: [rx_queue, tx_queue],
@@ -222,8 +251,13 @@ impl VirtioDevice for Net {
             rx_throttled: false,
             tx_throttled: false,
         };
-        let thread = WorkerThread::spawn("virtio-net", move |stop| worker.run(stop))
-            .map_err(|source| ActivateError::Thread { device: DEVICE, source })?;
+        let thread =
+            WorkerThread::spawn("virtio-net", move |stop| worker.run(stop)).map_err(|source| {
+                ActivateError::Thread {
+                    device: DEVICE,
+                    source,
+                }
+            })?;
         self.worker = Some(thread);
         Ok(())
     }
@@ -282,8 +316,14 @@ impl NetWorker {
         self.process_tx();
         self.process_rx();
         loop {
-            let rx_retry = self.rx_throttled.then(|| lock(&self.shared.rx_limiter).retry_at()).flatten();
-            let tx_retry = self.tx_throttled.then(|| lock(&self.shared.tx_limiter).retry_at()).flatten();
+            let rx_retry = self
+                .rx_throttled
+                .then(|| lock(&self.shared.rx_limiter).retry_at())
+                .flatten();
+            let tx_retry = self
+                .tx_throttled
+                .then(|| lock(&self.shared.tx_limiter).retry_at())
+                .flatten();
             let tokens = match events.wait(epoll_timeout([rx_retry, tx_retry])) {
                 Ok(t) => t,
                 Err(e) => {
@@ -313,19 +353,28 @@ impl NetWorker {
         events.add(&self.kick, TOKEN_KICK)?;
         // Edge-triggered: we read the tap until it is empty or the guest
         // has no room, and an RX notification or timer resumes us.
-        events.add_raw(self.tap.as_raw_fd(), TOKEN_TAP, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
+        events.add_raw(
+            self.tap.as_raw_fd(),
+            TOKEN_TAP,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )?;
         Ok(events)
     }
 
     fn signal_if_needed(&mut self, queue: usize) {
-        if self.queues[queue].needs_notification(&self.mem).unwrap_or(true) {
+        if self.queues[queue]
+            .needs_notification(&self.mem)
+            .unwrap_or(true)
+        {
             self.interrupt.signal_used_queue();
         }
     }
 
     fn add_used(&mut self, queue: usize, head: u16, len: u32) {
         if let Err(e) = self.queues[queue].add_used(&self.mem, head, len) {
-            tracing::warn!("virtio-net: queue {queue}: adding descriptor {head} to the used ring: {e}");
+            tracing::warn!(
+                "virtio-net: queue {queue}: adding descriptor {head} to the used ring: {e}"
+            );
         }
     }
 
@@ -333,9 +382,9 @@ impl NetWorker {
     /// direction `writable` and lies inside guest memory.
     fn checked_chain(&self, descs: Vec<Descriptor>, writable: bool) -> Option<Vec<Descriptor>> {
         let terminated = descs.last().is_some_and(|d| !d.has_next());
-        let valid = descs
-            .iter()
-            .all(|d| d.is_write_only() == writable && self.mem.check_range(d.addr(), d.len() as usize));
+        let valid = descs.iter().all(|d| {
+            d.is_write_only() == writable && self.mem.check_range(d.addr(), d.len() as usize)
+        });
         (terminated && valid).then_some(descs)
     }
 
@@ -404,7 +453,10 @@ impl NetWorker {
         let mut at = 0;
         for d in descs {
             let n = d.len() as usize;
-            if let Err(e) = self.mem.read_slice(&mut self.tx_frame[at..at + n], d.addr()) {
+            if let Err(e) = self
+                .mem
+                .read_slice(&mut self.tx_frame[at..at + n], d.addr())
+            {
                 tracing::warn!("virtio-net: tx: reading the frame: {e}");
                 bump(&counters.errors, 1);
                 return;
@@ -417,7 +469,10 @@ impl NetWorker {
                 bump(&counters.tx_bytes, (len - VNET_HDR_LEN) as u64);
             }
             Err(e) => {
-                tracing::debug!("virtio-net: tx: tap {} refused a frame: {e}", self.tap.name());
+                tracing::debug!(
+                    "virtio-net: tx: tap {} refused a frame: {e}",
+                    self.tap.name()
+                );
                 bump(&counters.tx_dropped, 1);
             }
         }
@@ -492,7 +547,9 @@ impl NetWorker {
             };
             let head = chain.head_index();
             let Some(descs) = self.checked_chain(chain.collect(), true) else {
-                tracing::warn!("virtio-net: rx: malformed descriptor chain at head {head}; frame dropped");
+                tracing::warn!(
+                    "virtio-net: rx: malformed descriptor chain at head {head}; frame dropped"
+                );
                 bump(&self.shared.counters.errors, 1);
                 used.push((head, 0));
                 return self.drop_frame(used);

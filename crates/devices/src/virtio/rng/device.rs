@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::RngError;
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
 use crate::virtio::worker::{drain, EventLoop, WorkerThread};
-use crate::virtio::{ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{
+    ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice, COMMON_FEATURES,
+};
 use crate::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
@@ -44,7 +46,9 @@ pub struct Rng {
 }
 
 fn lock(limiter: &Mutex<RateLimiter>) -> MutexGuard<'_, RateLimiter> {
-    limiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    limiter
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Rng {
@@ -95,8 +99,15 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         const DEVICE: &str = "virtio-rng";
         let got = ctx.queues.len();
-        let (Some(queue), Some(queue_evt)) = (ctx.queues.into_iter().next(), ctx.queue_events.into_iter().next()) else {
-            return Err(ActivateError::QueueCount { device: DEVICE, expected: 1, got });
+        let (Some(queue), Some(queue_evt)) = (
+            ctx.queues.into_iter().next(),
+            ctx.queue_events.into_iter().next(),
+        ) else {
+            return Err(ActivateError::QueueCount {
+                device: DEVICE,
+                expected: 1,
+                got,
+            });
         };
         let worker = RngWorker {
             mem: ctx.mem,
@@ -108,8 +119,13 @@ impl VirtioDevice for Rng {
             buffer: vec![0; MAX_REQUEST],
             throttled: false,
         };
-        let thread = WorkerThread::spawn("virtio-rng", move |stop| worker.run(stop))
-            .map_err(|source| ActivateError::Thread { device: DEVICE, source })?;
+        let thread =
+            WorkerThread::spawn("virtio-rng", move |stop| worker.run(stop)).map_err(|source| {
+                ActivateError::Thread {
+                    device: DEVICE,
+                    source,
+                }
+            })?;
         self.worker = Some(thread);
         Ok(())
     }
@@ -150,7 +166,11 @@ impl RngWorker {
         };
         self.process_queue();
         loop {
-            let timeout = if self.throttled { epoll_timeout([lock(&self.limiter).retry_at()]) } else { -1 };
+            let timeout = if self.throttled {
+                epoll_timeout([lock(&self.limiter).retry_at()])
+            } else {
+                -1
+            };
             match events.wait(timeout) {
                 Ok(tokens) if tokens.contains(&TOKEN_STOP) => return self,
                 Ok(_) => drain(&self.queue_evt),
@@ -202,7 +222,11 @@ impl RngWorker {
                 used_any = true;
                 continue;
             };
-            let wanted: usize = buffers.iter().map(|d| d.len() as usize).sum::<usize>().min(MAX_REQUEST);
+            let wanted: usize = buffers
+                .iter()
+                .map(|d| d.len() as usize)
+                .sum::<usize>()
+                .min(MAX_REQUEST);
             if !lock(&self.limiter).consume(wanted as u64) {
                 self.queue.go_to_previous_position();
                 self.throttled = true;
@@ -210,7 +234,9 @@ impl RngWorker {
             }
             let written = self.fill(&buffers, wanted);
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            self.counters.bytes.fetch_add(written as u64, Ordering::Relaxed);
+            self.counters
+                .bytes
+                .fetch_add(written as u64, Ordering::Relaxed);
             self.add_used(head, written as u32);
             used_any = true;
         }
@@ -239,7 +265,10 @@ impl RngWorker {
             if n == 0 {
                 break;
             }
-            if let Err(e) = self.mem.write_slice(&self.buffer[written..written + n], d.addr()) {
+            if let Err(e) = self
+                .mem
+                .write_slice(&self.buffer[written..written + n], d.addr())
+            {
                 tracing::warn!("virtio-rng: writing entropy to the guest: {e}");
                 break;
             }
