@@ -155,6 +155,12 @@ impl Net {
         &self.config
     }
 
+    /// Hands the tap over (to a device restored from this one's state);
+    /// `None` while the worker runs, or once taken.
+    pub fn take_tap(&mut self) -> Option<Tap> {
+        self.tap.take()
+    }
+
     pub fn link_up(&self) -> bool {
         self.shared.link_up.load(Ordering::SeqCst)
     }
