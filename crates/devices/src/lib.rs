@@ -4,5 +4,7 @@
 //! a vCPU thread.
 
 mod bus;
+pub mod rate_limiter;
+pub mod virtio;
 
 pub use bus::{BusDevice, GuestMemory, Interrupt};
