@@ -208,10 +208,13 @@ impl DomainCgroup {
             })
             .collect();
         if let Some(m) = &layout.v2 {
-            let wanted = Controller::ALL
-                .into_iter()
-                .filter(|c| layout.v1_mount(*c).is_none())
-                .collect();
+            // On a hybrid host the cgroup2 group only tracks tasks: enabling
+            // controllers there could hit the no-internal-process rule.
+            let wanted = if layout.v1.is_empty() {
+                Controller::ALL.to_vec()
+            } else {
+                Vec::new()
+            };
             groups.push(Group {
                 dir: m.mount_point.join(parent.relative(&m.own)).join(&dir_name),
                 controllers: wanted,
@@ -649,8 +652,10 @@ mod tests {
             d.dir(Controller::Memory, Scope::Emulator),
             Err(CgroupError::Unsupported { .. })
         ));
-        // The v2 group only stands in for controllers v1 lacks.
-        let (group, _) = d.dir(Controller::Pids, Scope::Domain).unwrap();
-        assert!(group.v2);
+        // On a hybrid host the v2 group only tracks tasks.
+        assert!(matches!(
+            d.dir(Controller::Pids, Scope::Domain),
+            Err(CgroupError::ControllerMissing { .. })
+        ));
     }
 }
