@@ -479,3 +479,108 @@ fn heavy_cpu_quota_holds_a_busy_process() {
         "--cpus 0.2 gave {share:.3} of a CPU"
     );
 }
+
+/// Set in the copy of this test binary that plays a multi-threaded VMM.
+const THREADS_HELPER: &str = "OXVIRT_HOST_THREADS_HELPER";
+
+/// As the helper: starts a spinning "vCPU 0" and a sleeping "vCPU 1"
+/// thread, prints its own (an "emulator" thread), vCPU 0 and vCPU 1
+/// thread ids, waits for EOF.
+fn play_a_vmm() {
+    let tid = || nix::unistd::gettid().as_raw();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spin_tx = tx.clone();
+    std::thread::spawn(move || {
+        spin_tx.send(tid()).unwrap();
+        loop {
+            std::hint::spin_loop();
+        }
+    });
+    std::thread::spawn(move || {
+        tx.send(tid()).unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    let (a, b) = (rx.recv().unwrap(), rx.recv().unwrap());
+    println!("TIDS {} {a} {b}", tid());
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_line(&mut rest);
+    std::process::exit(0);
+}
+
+fn thread_cgroups(pid: u32, tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).expect("thread cgroup")
+}
+
+#[test]
+fn heavy_vcpu_threads_get_their_own_groups() {
+    if std::env::var_os(THREADS_HELPER).is_some() {
+        return play_a_vmm();
+    }
+    let Some(mut sb) = Sandbox::new() else { return };
+    let d = sb.domain("threads", 2);
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "heavy_vcpu_threads_get_their_own_groups",
+            "--nocapture",
+        ])
+        .env(THREADS_HELPER, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the helper");
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    sb.children.push(child);
+    let mut line = String::new();
+    use std::io::BufRead;
+    while !line.starts_with("TIDS ") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "helper exited early");
+    }
+    let tids: Vec<u32> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let (main, vcpu0, vcpu1) = (tids[0], tids[1], tids[2]);
+
+    d.attach_process(pid).unwrap();
+    for tid in [main, vcpu0, vcpu1] {
+        assert!(
+            thread_cgroups(pid, tid).contains("/threads/emulator\n"),
+            "{tid}"
+        );
+    }
+    d.attach_thread(Scope::Vcpu(0), vcpu0).unwrap();
+    d.attach_thread(Scope::Vcpu(1), vcpu1).unwrap();
+    assert!(thread_cgroups(pid, vcpu0).contains("/threads/vcpu0\n"));
+    assert!(thread_cgroups(pid, vcpu1).contains("/threads/vcpu1\n"));
+    assert!(thread_cgroups(pid, main).contains("/threads/emulator\n"));
+
+    // Pin each vCPU thread on its own; the kernel applies it per thread.
+    d.set_cpuset_cpus(Scope::Vcpu(0), &"0".parse().unwrap())
+        .unwrap();
+    let task_status = |tid: u32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        s.lines()
+            .find_map(|l| {
+                l.strip_prefix("Cpus_allowed_list:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap()
+    };
+    assert_eq!(task_status(vcpu0), "0");
+    assert_eq!(task_status(vcpu1), task_status(main), "vcpu1 unpinned");
+
+    // CPU time is accounted per vCPU group: only vcpu0 spins.
+    std::thread::sleep(Duration::from_millis(300));
+    let spun = d.cpu_usage_ns(Scope::Vcpu(0)).unwrap();
+    let slept = d.cpu_usage_ns(Scope::Vcpu(1)).unwrap();
+    assert!(
+        spun > 20_000_000 && slept < spun / 10,
+        "vcpu0 {spun} ns, vcpu1 {slept} ns"
+    );
+    assert!(d.cpu_usage_ns(Scope::Domain).unwrap() >= spun);
+}
