@@ -1,5 +1,6 @@
-//! Docker's syntax for sizes and CPU counts (`--memory 512m`, `--cpus 1.5`,
-//! `--memory-swap -1`), parsed the way Docker's go-units does.
+//! Docker's syntax for sizes, CPU counts and device rates (`--memory 512m`,
+//! `--cpus 1.5`, `--memory-swap -1`, `--device-read-bps vda:1mb`), parsed
+//! the way Docker's go-units does.
 
 use thiserror::Error;
 
@@ -14,6 +15,17 @@ pub enum SizeError {
     Size { input: String, reason: &'static str },
     #[error("invalid CPU count {input:?}: {reason}")]
     Cpus { input: String, reason: &'static str },
+    #[error("invalid device limit {input:?}: {reason}")]
+    DeviceLimit { input: String, reason: String },
+}
+
+/// `--device-read-bps vda:1mb` or `--device-write-iops /dev/sda:100`: a
+/// device (a guest disk name or a host device path) and a rate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRate {
+    pub device: String,
+    /// Bytes or operations per second.
+    pub rate: u64,
 }
 
 /// `--memory-swap`: unset (twice the memory), `-1` (unlimited) or a size.
@@ -114,6 +126,43 @@ pub fn parse_cpus(input: &str) -> Result<CpuQuota, SizeError> {
     })
 }
 
+/// Parses `DEVICE:RATE` with a size as the rate (`--device-read-bps`).
+pub fn parse_device_bps(input: &str) -> Result<DeviceRate, SizeError> {
+    parse_device_rate(input, |rate| parse_bytes(rate).map_err(|e| e.to_string()))
+}
+
+/// Parses `DEVICE:RATE` with a plain count as the rate (`--device-read-iops`).
+pub fn parse_device_iops(input: &str) -> Result<DeviceRate, SizeError> {
+    parse_device_rate(input, |rate| {
+        rate.parse()
+            .map_err(|_| format!("{rate:?} is not a whole number of operations per second"))
+    })
+}
+
+fn parse_device_rate(
+    input: &str,
+    rate: impl Fn(&str) -> Result<u64, String>,
+) -> Result<DeviceRate, SizeError> {
+    let err = |reason: String| SizeError::DeviceLimit {
+        input: input.to_owned(),
+        reason,
+    };
+    let (device, value) = input
+        .rsplit_once(':')
+        .ok_or_else(|| err("expected DEVICE:RATE".to_owned()))?;
+    if device.is_empty() {
+        return Err(err("the device is empty".to_owned()));
+    }
+    let rate = rate(value).map_err(err)?;
+    if rate == 0 {
+        return Err(err("the rate must be greater than 0".to_owned()));
+    }
+    Ok(DeviceRate {
+        device: device.to_owned(),
+        rate,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +193,19 @@ mod tests {
         assert_eq!(parse_memory_swap("-1"), Ok(MemorySwap::Unlimited));
         assert_eq!(parse_memory_swap("1g"), Ok(MemorySwap::Limit(1 << 30)));
         assert!(parse_memory_swap("-2").is_err());
+    }
+
+    #[test]
+    fn device_rates() {
+        let bps = parse_device_bps("vda:1mb").unwrap();
+        assert_eq!((bps.device.as_str(), bps.rate), ("vda", 1 << 20));
+        let iops = parse_device_iops("/dev/sda:100").unwrap();
+        assert_eq!((iops.device.as_str(), iops.rate), ("/dev/sda", 100));
+        for bad in ["vda", ":1mb", "vda:", "vda:0", "vda:fast"] {
+            let err = parse_device_bps(bad).unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        assert!(parse_device_iops("vda:1.5").is_err());
     }
 
     #[test]
