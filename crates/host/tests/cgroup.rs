@@ -29,9 +29,11 @@ impl Sandbox {
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let parent = ParentGroup::under_own(format!("oxvirt-test-{}-{n}", std::process::id()));
+        let layout = Layout::detect().expect("detect cgroups");
+        let name = format!("oxvirt-test-{}-{n}", std::process::id());
+        let parent = ParentGroup::placed_for(&layout, name);
         Some(Sandbox {
-            layout: Layout::detect().expect("detect cgroups"),
+            layout,
             parent,
             domains: Vec::new(),
             children: Vec::new(),

@@ -51,13 +51,18 @@ impl ParentGroup {
         }
     }
 
-    /// oxvirt's default: `oxvirt` below the caller's own group on v1 and
-    /// hybrid hosts; on v2-only hosts below the root, since v2 cannot enable
-    /// controllers below a group that holds processes (the caller's own).
+    /// oxvirt's default parent, `oxvirt`, placed as [`ParentGroup::placed_for`] says.
     pub fn default_for(layout: &Layout) -> Self {
+        Self::placed_for(layout, "oxvirt")
+    }
+
+    /// `path` below the caller's own group on v1 and hybrid hosts; on
+    /// v2-only hosts below the root, since v2 cannot enable controllers
+    /// below a group that holds processes (the caller's own).
+    pub fn placed_for(layout: &Layout, path: impl Into<PathBuf>) -> Self {
         match layout.version() {
-            CgroupVersion::V2 => ParentGroup::at_root("oxvirt"),
-            CgroupVersion::V1 | CgroupVersion::Hybrid => ParentGroup::under_own("oxvirt"),
+            CgroupVersion::V2 => ParentGroup::at_root(path),
+            CgroupVersion::V1 | CgroupVersion::Hybrid => ParentGroup::under_own(path),
         }
     }
 
