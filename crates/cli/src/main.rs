@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod img;
+mod lb;
 
 #[derive(Parser)]
 #[command(
@@ -22,12 +23,15 @@ struct Cli {
 enum Command {
     /// qemu-img compatible image tool.
     Img(img::Args),
+    /// nginx-stream compatible L4 load balancer.
+    Lb(lb::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Img(args) => img::run(args),
+        Command::Lb(args) => lb::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

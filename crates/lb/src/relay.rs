@@ -1,0 +1,222 @@
+//! Moving bytes between the client and the upstream: splice(2) through a pipe
+//! when nothing needs to see the data, a buffered copy when a rate limit applies.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{splice, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes a pipe holds per splice round; large pipes mean fewer syscalls.
+const PIPE_SIZE: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("idle for {0:?} (proxy_timeout)")]
+    Idle(Duration),
+    #[error("{side}: {source}")]
+    Io {
+        side: &'static str,
+        source: io::Error,
+    },
+    #[error("stopped by shutdown")]
+    Stopped,
+}
+
+/// One direction's settings and counter.
+pub struct Direction<'a> {
+    pub from: &'a TcpStream,
+    pub to: &'a TcpStream,
+    /// Bytes per second, 0 = unlimited.
+    pub rate: u64,
+    pub bytes: &'a AtomicU64,
+    pub side: &'static str,
+}
+
+pub struct Relay<'a> {
+    pub up: Direction<'a>,
+    pub down: Direction<'a>,
+    pub idle: Duration,
+    pub half_close: bool,
+    pub buffer_size: usize,
+}
+
+/// Time of the last byte moved in either direction, for `proxy_timeout`.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Relay<'_> {
+    /// Runs until both sides are done (or one, without half-close), the idle
+    /// timeout fires, or `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), RelayError> {
+        let activity = Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        };
+        let transfer = async {
+            let up = self.direction(&self.up, &activity);
+            let down = self.direction(&self.down, &activity);
+            tokio::pin!(up, down);
+            if self.half_close {
+                let (a, b) = tokio::join!(up, down);
+                a.and(b)
+            } else {
+                tokio::select! {
+                    r = &mut up => r,
+                    r = &mut down => r,
+                }
+            }
+        };
+        let watchdog = async {
+            loop {
+                let deadline = activity.last() + self.idle;
+                if Instant::now() >= deadline {
+                    return RelayError::Idle(self.idle);
+                }
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        };
+        tokio::select! {
+            r = transfer => r,
+            e = watchdog => Err(e),
+            () = stop => Err(RelayError::Stopped),
+        }
+    }
+
+    async fn direction(&self, d: &Direction<'_>, activity: &Activity) -> Result<(), RelayError> {
+        let io_err = |source| RelayError::Io {
+            side: d.side,
+            source,
+        };
+        if d.rate == 0 {
+            splice_loop(d, activity).await.map_err(io_err)?;
+        } else {
+            copy_loop(d, activity, self.buffer_size)
+                .await
+                .map_err(io_err)?;
+        }
+        if self.half_close {
+            // The other way may still carry data: only close our write side.
+            let _ = socket2::SockRef::from(d.to).shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // A bigger pipe is only an optimisation; the default 64 KiB also works.
+    let _ = nix::fcntl::fcntl(
+        w.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32),
+    );
+    Ok((r, w))
+}
+
+/// Zero-copy: socket -> pipe -> socket, both ends nonblocking under tokio's readiness.
+async fn splice_loop(d: &Direction<'_>, activity: &Activity) -> io::Result<()> {
+    let (pipe_r, pipe_w) = pipe()?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let n = loop {
+            d.from.readable().await?;
+            match d.from.try_io(Interest::READABLE, || {
+                Ok(splice(
+                    d.from.as_fd(),
+                    None,
+                    pipe_w.as_fd(),
+                    None,
+                    PIPE_SIZE,
+                    flags,
+                )?)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            d.to.writable().await?;
+            match d.to.try_io(Interest::WRITABLE, || {
+                Ok(splice(
+                    pipe_r.as_fd(),
+                    None,
+                    d.to.as_fd(),
+                    None,
+                    left,
+                    flags,
+                )?)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
+
+/// Buffered copy that holds the average rate to `d.rate` bytes per second.
+async fn copy_loop(d: &Direction<'_>, activity: &Activity, buffer_size: usize) -> io::Result<()> {
+    let chunk = buffer_size
+        .min(usize::try_from(d.rate).unwrap_or(usize::MAX))
+        .max(1);
+    let mut buf = vec![0u8; chunk];
+    let start = Instant::now();
+    let mut moved: u64 = 0;
+    loop {
+        let due = start + Duration::from_secs_f64(moved as f64 / d.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let n = read_some(d.from, &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        write_all(d.to, &buf[..n]).await?;
+        moved += n as u64;
+        d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
+
+pub async fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        s.readable().await?;
+        match s.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        s.writable().await?;
+        match s.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! One TCP session: PROXY header, realip, access rules, limit_conn, upstream
+//! selection with retries, PROXY header to the upstream, relay, access log.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::{Access, ListenConf, ProxyVersion};
+use crate::limits::Slot;
+use crate::proxy_protocol;
+use crate::relay::{self, Direction, Relay};
+use crate::runtime::{ServerCtx, Shared};
+use crate::vars::Vars;
+
+/// nginx stream `$status` values.
+const STATUS_OK: u16 = 200;
+const STATUS_BAD_REQUEST: u16 = 400;
+const STATUS_FORBIDDEN: u16 = 403;
+const STATUS_INTERNAL: u16 = 500;
+const STATUS_BAD_GATEWAY: u16 = 502;
+const STATUS_UNAVAILABLE: u16 = 503;
+
+pub async fn session(
+    ctx: Arc<ServerCtx>,
+    shared: Arc<Shared>,
+    listen: ListenConf,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let local = client.local_addr().unwrap_or(listen.addr);
+    let id = shared.next_connection();
+    let mut vars = Vars::new(peer, local, false, id);
+    let _ = client.set_nodelay(true);
+    vars.status = run(&ctx, &shared, &listen, client, &mut vars).await;
+    for (log, format) in &ctx.logs {
+        log.write_line(&format.render(&vars));
+    }
+}
+
+async fn run(
+    ctx: &ServerCtx,
+    shared: &Shared,
+    listen: &ListenConf,
+    mut client: TcpStream,
+    vars: &mut Vars,
+) -> u16 {
+    let proxy = &ctx.conf.proxy;
+    let mut early = Vec::new();
+    if listen.proxy_protocol {
+        match proxy_protocol::read_header(&mut client, proxy.proxy_protocol_timeout).await {
+            Ok((header, rest)) => {
+                vars.proxy_protocol = header.source;
+                let trusted = proxy
+                    .real_ip_from
+                    .iter()
+                    .any(|c| c.contains(vars.client.ip()));
+                if let (true, Some(src)) = (trusted, header.source) {
+                    vars.remote = src;
+                }
+                early = rest;
+            }
+            Err(e) => {
+                tracing::info!(client = %vars.client, "PROXY protocol: {e}");
+                shared
+                    .stats
+                    .proxy_protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return STATUS_BAD_REQUEST;
+            }
+        }
+    }
+    if !allowed(ctx, vars) {
+        shared.stats.denied.fetch_add(1, Ordering::Relaxed);
+        return STATUS_FORBIDDEN;
+    }
+    let Some(_slots) = take_slots(ctx, vars) else {
+        shared.stats.limited.fetch_add(1, Ordering::Relaxed);
+        return STATUS_UNAVAILABLE;
+    };
+    let Some((upstream, peer)) = connect(ctx, vars).await else {
+        return STATUS_BAD_GATEWAY;
+    };
+    let status = proxy_session(ctx, shared, &client, &upstream, vars, &early).await;
+    let p = &ctx.upstream.peers[peer];
+    p.bytes_sent
+        .fetch_add(vars.upstream_bytes_sent, Ordering::Relaxed);
+    p.bytes_received
+        .fetch_add(vars.upstream_bytes_received, Ordering::Relaxed);
+    ctx.upstream.release(peer, false);
+    status
+}
+
+/// `allow`/`deny`: the first rule matching the client address decides.
+fn allowed(ctx: &ServerCtx, vars: &Vars) -> bool {
+    let ip = vars.remote.ip();
+    ctx.conf
+        .proxy
+        .access
+        .iter()
+        .find(|(_, cidr)| cidr.contains(ip))
+        .map_or(true, |(rule, _)| *rule == Access::Allow)
+}
+
+fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
+    let mut slots = Vec::new();
+    for (zone, limit) in &ctx.limits {
+        match zone.acquire(zone.key.render(vars), *limit) {
+            Ok(slot) => slots.extend(slot),
+            Err(()) => {
+                tracing::info!(client = %vars.remote, zone = %zone.name, "limiting connections");
+                return None;
+            }
+        }
+    }
+    Some(slots)
+}
+
+/// Tries peers until one accepts, within proxy_next_upstream's limits.
+async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, usize)> {
+    let proxy = &ctx.conf.proxy;
+    let upstream = &ctx.upstream;
+    let key = ctx
+        .hash_key
+        .as_ref()
+        .map(|k| k.render(vars))
+        .unwrap_or_default();
+    let mut tried = vec![false; upstream.peers.len()];
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        let peer = upstream.select(key.as_bytes(), &tried)?;
+        tried[peer] = true;
+        tries += 1;
+        let addr = upstream.peers[peer].conf.addr;
+        vars.upstream_addr.push(addr);
+        let attempt = Instant::now();
+        match connect_one(addr, proxy.bind, proxy.connect_timeout).await {
+            Ok(stream) => {
+                vars.upstream_connect_time = Some(attempt.elapsed());
+                return Some((stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.name, peer = %addr, client = %vars.remote, "connect failed: {e}");
+                upstream.release(peer, true);
+            }
+        }
+        let out_of_tries = proxy.next_upstream_tries > 0 && tries >= proxy.next_upstream_tries;
+        let out_of_time = !proxy.next_upstream_timeout.is_zero()
+            && started.elapsed() >= proxy.next_upstream_timeout;
+        if !proxy.next_upstream || out_of_tries || out_of_time {
+            return None;
+        }
+    }
+}
+
+async fn connect_one(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = bind {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn proxy_session(
+    ctx: &ServerCtx,
+    shared: &Shared,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    vars: &mut Vars,
+    early: &[u8],
+) -> u16 {
+    let proxy = &ctx.conf.proxy;
+    let header = match proxy.send_proxy_protocol {
+        Some(ProxyVersion::V1) => proxy_protocol::encode_v1(vars.remote, vars.server),
+        Some(ProxyVersion::V2) => proxy_protocol::encode_v2(vars.remote, vars.server, false),
+        None => Vec::new(),
+    };
+    let first = [header.as_slice(), early].concat();
+    if let Err(e) = relay::write_all(upstream, &first).await {
+        tracing::warn!(client = %vars.remote, "writing to upstream: {e}");
+        return STATUS_BAD_GATEWAY;
+    }
+    let (up_bytes, down_bytes) = (AtomicU64::new(early.len() as u64), AtomicU64::new(0));
+    let result = Relay {
+        up: Direction {
+            from: client,
+            to: upstream,
+            rate: proxy.upload_rate,
+            bytes: &up_bytes,
+            side: "client to upstream",
+        },
+        down: Direction {
+            from: upstream,
+            to: client,
+            rate: proxy.download_rate,
+            bytes: &down_bytes,
+            side: "upstream to client",
+        },
+        idle: proxy.timeout,
+        half_close: proxy.half_close,
+        buffer_size: proxy.buffer_size,
+    }
+    .run(shared.kill.cancelled())
+    .await;
+    vars.bytes_received = up_bytes.load(Ordering::Relaxed);
+    vars.bytes_sent = down_bytes.load(Ordering::Relaxed);
+    vars.upstream_bytes_sent = vars.bytes_received + header.len() as u64;
+    vars.upstream_bytes_received = vars.bytes_sent;
+    match result {
+        Ok(()) => STATUS_OK,
+        Err(e) => {
+            tracing::info!(client = %vars.remote, "session ended: {e}");
+            match e {
+                relay::RelayError::Io { .. } => STATUS_INTERNAL,
+                _ => STATUS_OK,
+            }
+        }
+    }
+}
