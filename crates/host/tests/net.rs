@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use host::net::{set_ipv4_forwarding, Links, Nat, NatConfig, NetError, NetNs, Tap, TapConfig};
+use host::net::{Links, Nat, NatConfig, NatNetwork, NetError, NetNs, Tap, TapConfig};
 
 struct Namespaces(Vec<NetNs>);
 
@@ -203,9 +203,9 @@ fn bridge_and_veth_connect_two_namespaces() {
     assert!(la.info("br0").unwrap().is_none());
 }
 
-/// guest (192.168.100.10) -- br0 [router: NAT] eth-out (10.200.0.2) -- outside (10.200.0.1)
+/// guest (192.168.100.10) -- br0 [router: NAT] uplink (10.200.0.2) -- outside (10.200.0.1)
 #[test]
-fn heavy_nat_masquerades_guest_traffic_until_removed() {
+fn heavy_nat_network_masquerades_guest_traffic_until_removed() {
     let Some(mut spaces) = Namespaces::new() else {
         return;
     };
@@ -224,58 +224,68 @@ fn heavy_nat_masquerades_guest_traffic_until_removed() {
         Links::in_netns(&router),
         Links::in_netns(&outside),
     );
-    lr.add_bridge("br0").unwrap();
-    up_with_address(&lr, "br0", "192.168.100.1/24");
-    lr.add_veth("tap-g", "eth0").unwrap();
-    lr.move_to("eth0", &guest).unwrap();
-    lr.set_master("tap-g", "br0").unwrap();
-    lr.set_up("tap-g").unwrap();
-    up_with_address(&lg, "eth0", "192.168.100.10/24");
-    lg.add_route(None, Ipv4Addr::new(192, 168, 100, 1)).unwrap();
+    let config = NatConfig {
+        name: "default".into(),
+        address: "192.168.100.1/24".parse().unwrap(),
+        bridge: "br0".into(),
+        outgoing: Some("uplink".into()),
+    };
     lr.add_veth("uplink", "eth0").unwrap();
     lr.move_to("eth0", &outside).unwrap();
     up_with_address(&lr, "uplink", "10.200.0.2/24");
     up_with_address(&lo, "eth0", "10.200.0.1/24");
-    // Without NAT the outside can route back to the guests directly.
+    // The outside can route back to the guests, so only NAT hides them.
     lo.add_route(
         Some("192.168.100.0/24".parse().unwrap()),
         Ipv4Addr::new(10, 200, 0, 2),
     )
     .unwrap();
-    set_ipv4_forwarding(Some(&router), true).unwrap();
+    let network = NatNetwork::start(&config, Some(&router)).unwrap();
+    let br = lr.info("br0").unwrap().expect("the network's bridge");
+    assert_eq!((br.up, br.addresses.clone()), (true, vec![config.address]));
+    lr.add_veth("tap-g", "eth0").unwrap();
+    lr.move_to("eth0", &guest).unwrap();
+    lr.set_master("tap-g", network.bridge()).unwrap();
+    lr.set_up("tap-g").unwrap();
+    up_with_address(&lg, "eth0", "192.168.100.10/24");
+    lg.add_route(None, Ipv4Addr::new(192, 168, 100, 1)).unwrap();
 
     let listener = listen(&outside, "10.200.0.1");
-    let plain = connect_and_see_source(&guest, &listener).expect("routed without NAT");
-    assert_eq!(plain.ip().to_string(), "192.168.100.10");
-
-    let config = NatConfig {
-        name: "default".into(),
-        subnet: "192.168.100.1/24".parse().unwrap(),
-        bridge: "br0".into(),
-        outgoing: Some("uplink".into()),
-    };
-    let nat = Nat::apply(&config, Some(&router)).unwrap();
-    assert_eq!(nat.table(), "oxvirt_default");
-    assert!(nat.ruleset().unwrap().contains("masquerade"));
     let seen = connect_and_see_source(&guest, &listener).expect("NATed connection");
     assert_eq!(
         seen.ip().to_string(),
         "10.200.0.2",
         "masqueraded to the router's uplink address"
     );
-
+    let nat = network.nat();
+    assert_eq!(nat.table(), "oxvirt_default");
     // Applying again replaces the table instead of doubling the rules.
-    let nat = Nat::apply(&config, Some(&router)).unwrap();
+    Nat::apply(&config, Some(&router)).unwrap();
     assert_eq!(nat.ruleset().unwrap().matches("masquerade").count(), 1);
 
     // New connections from outside into the guests' bridge are dropped.
     let guest_listener = listen(&guest, "192.168.100.10");
     assert!(connect_and_see_source(&outside, &guest_listener).is_err());
 
+    // Without the table the guest's own address shows.
     nat.remove().unwrap();
     assert!(nat.ruleset().is_err(), "the table is gone");
-    let after = connect_and_see_source(&guest, &listener).expect("routed again");
-    assert_eq!(after.ip().to_string(), "192.168.100.10");
+    let plain = connect_and_see_source(&guest, &listener).expect("routed without NAT");
+    assert_eq!(plain.ip().to_string(), "192.168.100.10");
+    Nat::apply(&config, Some(&router)).unwrap();
+
+    // A second network on the same bridge fails and leaves the first alone.
+    let err = NatNetwork::start(&config, Some(&router)).unwrap_err();
+    assert!(err.to_string().contains("br0"), "{err}");
+    assert!(lr.info("br0").unwrap().is_some());
+    assert!(network.nat().ruleset().is_ok());
+
+    network.stop().unwrap();
+    assert!(lr.info("br0").unwrap().is_none(), "the bridge is gone");
+    assert!(Nat::apply(&config, Some(&router))
+        .unwrap()
+        .ruleset()
+        .is_ok());
 }
 
 #[test]
@@ -303,7 +313,7 @@ fn bad_input_names_what_is_wrong() {
     assert!(err.to_string().contains(ns.name()), "{err}");
     let config = NatConfig {
         name: "x; flush ruleset".into(),
-        subnet: "10.0.0.0/24".parse().unwrap(),
+        address: "10.0.0.1/24".parse().unwrap(),
         bridge: "br0".into(),
         outgoing: None,
     };

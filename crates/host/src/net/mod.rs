@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 pub use addr::Ipv4Cidr;
 pub use link::{LinkInfo, Links};
-pub use nat::{set_ipv4_forwarding, Nat, NatConfig};
+pub use nat::{set_ipv4_forwarding, Nat, NatConfig, NatNetwork};
 pub use netns::NetNs;
 pub use tap::{Tap, TapConfig, VNET_HDR_SIZE};
 

@@ -2,15 +2,16 @@
 //! (`ip oxvirt_<network>`), replaced atomically and removed on teardown.
 
 use super::command::run;
-use super::{Ipv4Cidr, NetError, NetNs};
+use super::{Ipv4Cidr, Links, NetError, NetNs};
 
 /// One NATed network, like libvirt's `default` (192.168.122.0/24 on virbr0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatConfig {
     /// The network's name; the table is `oxvirt_<name>`.
     pub name: String,
-    /// The guests' subnet.
-    pub subnet: Ipv4Cidr,
+    /// The bridge's address in the guests' network (`192.168.122.1/24`);
+    /// the network part is what gets masqueraded.
+    pub address: Ipv4Cidr,
     /// The bridge the guests are on.
     pub bridge: String,
     /// Masquerade only traffic leaving through this interface (any if `None`).
@@ -40,7 +41,7 @@ impl Nat {
             ns: ns.cloned(),
         };
         nat.nft(&["-f", "-"], Some(&nat.script(config)))?;
-        tracing::info!(table = %nat.table, subnet = %config.subnet, "installed NAT");
+        tracing::info!(table = %nat.table, network = %config.address.network(), "installed NAT");
         Ok(nat)
     }
 
@@ -74,7 +75,7 @@ impl Nat {
     /// One transaction: create-if-missing, delete, then define, so an
     /// existing table is replaced whole or not at all.
     fn script(&self, c: &NatConfig) -> String {
-        let net = c.subnet.network();
+        let net = c.address.network();
         let out = c
             .outgoing
             .as_ref()
@@ -97,6 +98,61 @@ impl Nat {
              \t}}\n\
              }}\n"
         )
+    }
+}
+
+/// A NATed network: its bridge (with the gateway address), forwarding and
+/// the NAT table, like libvirt's `default` network.
+#[derive(Debug)]
+pub struct NatNetwork {
+    links: Links,
+    bridge: String,
+    nat: Nat,
+}
+
+impl NatNetwork {
+    /// Creates the bridge, gives it `config.address`, turns IPv4
+    /// forwarding on and installs the NAT table, in `ns` (the host's
+    /// namespace when `None`). On failure what was made is removed again.
+    pub fn start(config: &NatConfig, ns: Option<&NetNs>) -> Result<Self, NetError> {
+        let links = ns.map_or_else(Links::host, Links::in_netns);
+        links.add_bridge(&config.bridge)?;
+        let network = NatNetwork {
+            links,
+            bridge: config.bridge.clone(),
+            nat: Nat {
+                table: table_name(&config.name)?,
+                ns: ns.cloned(),
+            },
+        };
+        let configured = network
+            .links
+            .add_address(&config.bridge, config.address)
+            .and_then(|()| network.links.set_up(&config.bridge))
+            .and_then(|()| set_ipv4_forwarding(ns, true))
+            .and_then(|()| Nat::apply(config, ns));
+        if let Err(e) = configured {
+            if let Err(cleanup) = network.links.delete(&config.bridge) {
+                tracing::warn!("removing bridge after a failed start: {cleanup}");
+            }
+            return Err(e);
+        }
+        Ok(network)
+    }
+
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    pub fn nat(&self) -> &Nat {
+        &self.nat
+    }
+
+    /// Removes the NAT table and the bridge. Forwarding stays on: other
+    /// networks may rely on it (libvirt leaves it on too).
+    pub fn stop(self) -> Result<(), NetError> {
+        self.nat.remove()?;
+        self.links.delete(&self.bridge)
     }
 }
 
@@ -139,7 +195,7 @@ mod tests {
     fn script_masquerades_the_subnet() {
         let config = NatConfig {
             name: "default".into(),
-            subnet: "192.168.122.1/24".parse().unwrap(),
+            address: "192.168.122.1/24".parse().unwrap(),
             bridge: "virbr0".into(),
             outgoing: Some("eth0".into()),
         };
