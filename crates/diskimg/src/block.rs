@@ -31,4 +31,32 @@ pub trait BlockDevice: Send + Sync {
     fn read_only(&self) -> bool {
         false
     }
+
+    /// What the range starting at `offset` holds in this layer, and for how
+    /// many bytes (at most `len`, at least 1) that answer holds.
+    fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
+        Ok((
+            Allocation::Data {
+                host: Some(offset),
+                compressed: false,
+            },
+            len.min(self.size().saturating_sub(offset)).max(1),
+        ))
+    }
+
+    /// The image this one reads unallocated ranges from, if any.
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+}
+
+/// How one layer of an image stores a range of guest bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data stored in this layer, at `host` in its file where known.
+    Data { host: Option<u64>, compressed: bool },
+    /// Reads as zeroes, recorded in metadata (no data stored).
+    Zero,
+    /// Not allocated here: reads from the backing image, or as zeroes.
+    Unallocated,
 }

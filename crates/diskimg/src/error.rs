@@ -19,6 +19,51 @@ pub enum Error {
     },
     #[error("{path}: the image is read-only")]
     ReadOnly { path: PathBuf },
+    /// A header or metadata field holds a value the format does not allow.
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+    /// Valid for the format, but a feature this implementation lacks.
+    #[error("{path}: unsupported: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    /// Metadata that contradicts itself (found while reading or writing).
+    #[error("{path}: corrupt image: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("{path}: backing file {backing}: {problem}")]
+    Backing {
+        path: PathBuf,
+        backing: PathBuf,
+        problem: String,
+    },
+    /// A caller's argument (size, option) the operation cannot use.
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Wraps an I/O error with the file it happened on.
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub(crate) fn invalid(path: &std::path::Path, field: &str, problem: impl Into<String>) -> Error {
+    Error::Invalid {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+pub(crate) fn corrupt(path: &std::path::Path, what: impl Into<String>) -> Error {
+    Error::Corrupt {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}

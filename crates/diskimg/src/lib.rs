@@ -4,7 +4,15 @@
 //! go through this crate; nothing here knows about either of them.
 
 mod block;
+mod compress;
+mod disk;
 mod error;
+pub mod image;
+pub mod ops;
+pub mod qcow2;
+pub mod raw;
+pub mod vmdk;
 
-pub use block::BlockDevice;
+pub use block::{Allocation, BlockDevice};
 pub use error::{Error, Result};
+pub use image::{open, Format};
