@@ -158,23 +158,12 @@ impl LimiterConfig {
 }
 
 /// A bandwidth bucket and an operations bucket, admitted together.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RateLimiter {
     config: LimiterConfig,
     bandwidth: Option<TokenBucket>,
     ops: Option<TokenBucket>,
     retry_at: Option<Instant>,
-}
-
-impl Default for RateLimiter {
-    fn default() -> Self {
-        RateLimiter {
-            config: LimiterConfig::default(),
-            bandwidth: None,
-            ops: None,
-            retry_at: None,
-        }
-    }
 }
 
 impl RateLimiter {

@@ -764,3 +764,21 @@ fn restore_rejects_mismatched_state() {
     };
     assert!(Block::restore(s.disk.clone(), &future).is_err());
 }
+
+#[test]
+fn interrupt_line_can_be_set_after_placement_but_not_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(FileDisk::create(&dir.path().join("d"), DISK_SIZE));
+    let mut d = Driver::new(Block::new(disk, BlockConfig::default()).unwrap());
+    let late = Arc::new(CountingIrq::default());
+    assert!(d.transport.set_interrupt(late.clone()).is_ok());
+    d.init(VIRTIO_F_VERSION_1, 1, 128);
+    assert_eq!(request(&mut d, T_IN, 0, &[wr(DATA, 512)]).0, S_OK);
+    assert_eq!(late.count(), 1);
+    assert_eq!(d.irq.count(), 0, "the replaced line fired");
+    assert!(d
+        .transport
+        .set_interrupt(Arc::new(CountingIrq::default()))
+        .is_err());
+    assert_eq!(d.read_reg(0x60) & 1, 1);
+}

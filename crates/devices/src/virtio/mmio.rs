@@ -89,6 +89,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
+    /// Replaces the interrupt line (for a VMM that allocates the line when it
+    /// places the device on its bus). Refused while the device runs.
+    pub fn set_interrupt(&mut self, irq: Arc<dyn Interrupt>) -> Result<(), Arc<dyn Interrupt>> {
+        if self.active {
+            return Err(irq);
+        }
+        let status = self.interrupt.status();
+        self.interrupt = Arc::new(DeviceInterrupt::new(irq));
+        self.interrupt.set_status(status);
+        Ok(())
+    }
+
     /// One EventFd per queue, in queue order: the VMM registers each as an
     /// ioeventfd at base + [`REG_QUEUE_NOTIFY`] with the queue index as
     /// datamatch. A plain MMIO write to QueueNotify signals the same EventFd.
@@ -382,7 +394,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= REG_CONFIG {
             return self.device.read_config(offset - REG_CONFIG, data);
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
                 data.len()
@@ -404,7 +416,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             tracing::warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }

@@ -467,7 +467,7 @@ impl BlockWorker {
                 return Completion::status(VIRTIO_BLK_S_UNSUPP);
             }
         };
-        result.unwrap_or_else(|status| Completion::status(status))
+        result.unwrap_or_else(Completion::status)
     }
 
     fn read(&mut self, req: &Request) -> Result<Completion, u32> {
@@ -605,7 +605,7 @@ impl BlockWorker {
     fn discard_segments(&self, req: &Request) -> Result<Vec<(u64, u64, u32)>, u32> {
         let len = req.data_len();
         if len == 0
-            || len % DISCARD_SEGMENT_SIZE != 0
+            || !len.is_multiple_of(DISCARD_SEGMENT_SIZE)
             || len / DISCARD_SEGMENT_SIZE > u64::from(MAX_DISCARD_SEGMENTS)
         {
             tracing::warn!("virtio-blk: discard/write-zeroes payload of {len} bytes");

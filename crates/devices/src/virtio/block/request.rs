@@ -262,7 +262,7 @@ fn data_segments(descs: &[Descriptor]) -> (Vec<Segment>, Vec<Segment>) {
 
 /// Checks that `len` bytes from `sector` are whole sectors inside the disk.
 pub fn check_sectors(sector: u64, len: u64, capacity: u64) -> Result<(), RequestError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(len));
     }
     let count = len / SECTOR_SIZE;
