@@ -782,3 +782,14 @@ fn interrupt_line_can_be_set_after_placement_but_not_while_running() {
         .is_err());
     assert_eq!(d.read_reg(0x60) & 1, 1);
 }
+
+#[test]
+fn transports_can_sit_on_a_shared_bus() {
+    fn shared<T: BusDevice + Send + 'static>() {}
+    shared::<MmioTransport<Block>>();
+    shared::<MmioTransport<devices::virtio::net::Net>>();
+    shared::<MmioTransport<devices::virtio::rng::Rng>>();
+    fn handle<T: Send + Sync + Clone>() {}
+    handle::<devices::virtio::block::BlockHandle>();
+    handle::<devices::virtio::net::NetHandle>();
+}
