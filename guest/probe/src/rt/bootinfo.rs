@@ -158,7 +158,7 @@ impl BootInfo {
             .filter_map(|r| {
                 let start = r.addr.max(floor).next_multiple_of(4096);
                 let end = r.addr.saturating_add(r.size).min(MAPPED_LIMIT) & !4095;
-                (end > start).then_some((start, end - start))
+                (end > start).then(|| (start, end - start))
             })
             .max_by_key(|&(_, len)| len)
     }
