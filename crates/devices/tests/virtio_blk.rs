@@ -467,16 +467,16 @@ fn indirect_descriptors_are_followed() {
     let data = pattern(1024, 5);
     d.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
     write_header(d, T_OUT, 20);
-    let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+    let put = |mem: &devices::GuestMemory, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
         let at = table + 16 * i;
-        d.mem.write_obj(addr, GuestAddress(at)).unwrap();
-        d.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        d.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        d.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
     };
-    put(0, HDR, 16, VIRTQ_DESC_F_NEXT, 1);
-    put(1, DATA, 1024, VIRTQ_DESC_F_NEXT, 2);
-    put(2, STATUS, 1, VIRTQ_DESC_F_WRITE, 0);
+    put(&d.mem, 0, HDR, 16, VIRTQ_DESC_F_NEXT, 1);
+    put(&d.mem, 1, DATA, 1024, VIRTQ_DESC_F_NEXT, 2);
+    put(&d.mem, 2, STATUS, 1, VIRTQ_DESC_F_WRITE, 0);
     let q = &mut d.queues[0];
     q.write_desc(&d.mem, 0, table, 48, 4, 0); // VIRTQ_DESC_F_INDIRECT
     q.publish(&d.mem, 0);
@@ -488,6 +488,27 @@ fn indirect_descriptors_are_followed() {
     let mut on_disk = vec![0u8; 1024];
     s.disk.file.read_exact_at(&mut on_disk, 20 * 512).unwrap();
     assert_eq!(on_disk, data);
+
+    // Hostile indirect tables: outside memory, a ragged length, a loop
+    // inside the table. Each completes with nothing written.
+    put(&d.mem, 0, HDR, 16, VIRTQ_DESC_F_NEXT, 1);
+    put(&d.mem, 1, DATA, 1024, VIRTQ_DESC_F_NEXT, 0);
+    let q = &mut d.queues[0];
+    q.write_desc(&d.mem, 1, 0xffff_ffff_0000, 48, 4, 0);
+    q.write_desc(&d.mem, 2, table, 40, 4, 0);
+    q.write_desc(&d.mem, 3, table, 32, 4, 0);
+    for head in 1..=3 {
+        q.publish(&d.mem, head);
+    }
+    d.notify(0);
+    for head in 1..=3 {
+        assert_eq!(
+            d.queues[0].wait_used(&d.mem, Duration::from_secs(5)),
+            Some((head, 0))
+        );
+    }
+    d.queues[0].set_next_desc(8);
+    assert_still_works(d);
 }
 
 #[test]
