@@ -14,8 +14,8 @@
 use core::arch::global_asm;
 use core::sync::atomic::AtomicU32;
 
-/// CPUs the probe can bring up (per-CPU stacks and TSSs are static).
-pub const MAX_CPUS: usize = 32;
+use oxvirt_probe::MAX_CPUS;
+
 const STACK0_SIZE: usize = 8 * 1024;
 const BSP_STACK3_SIZE: usize = 256 * 1024;
 const AP_STACK3_SIZE: usize = 16 * 1024;

@@ -15,10 +15,11 @@ mod boot;
 mod rt;
 mod workload;
 
-use rt::bootinfo::BootInfo;
+use oxvirt_probe::bootinfo::BootInfo;
+use oxvirt_probe::params::Params;
 use rt::exit::{exit, ExitCode};
 use rt::fail::Fail;
-use rt::params::Params;
+use rt::physmem::IdentityMap;
 
 /// Every CPU arrives here in ring 3 (from `ring3_start` in boot.rs).
 pub extern "C" fn ring3_entry(cpu: u64) -> ! {
@@ -46,7 +47,7 @@ fn bsp_main() -> ! {
 }
 
 fn run() -> Result<(), Fail> {
-    let boot = BootInfo::read(boot::start_info_paddr())?;
+    let boot = BootInfo::read(&IdentityMap, boot::start_info_paddr())?;
     let params = Params::parse(boot.cmdline()?)?;
     workload::run(&boot, &params)
 }

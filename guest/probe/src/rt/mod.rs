@@ -2,7 +2,6 @@
 //! the exit port, boot information, command-line parameters, the TSC, and
 //! the failure type that ends a run with `PROBE DONE fail: <why>`.
 
-pub mod bootinfo;
 pub mod console;
 pub mod cpuid;
 pub mod exception;
@@ -11,5 +10,5 @@ pub mod fail;
 pub mod io;
 pub mod lapic;
 mod libc;
-pub mod params;
+pub mod physmem;
 pub mod tsc;

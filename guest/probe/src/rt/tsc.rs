@@ -10,9 +10,7 @@ use super::cpuid::{cpuid, max_leaf};
 use super::io::{inb, outb, pause};
 
 const PIT_HZ: u64 = 1_193_182;
-const PIT_CALIBRATION_MS: u64 = 40;
-/// TSC ticks after which a PIT that never fires counts as absent (0.5 s at 10 GHz).
-const PIT_GIVE_UP_TICKS: u64 = 5_000_000_000;
+const PIT_CALIBRATION_MS: u64 = 20;
 
 pub fn now() -> u64 {
     // SAFETY: rdtsc is allowed in ring 3 (CR4.TSD is clear) and has no side effects.
@@ -148,50 +146,74 @@ fn cpuid16_khz() -> Option<u64> {
 /// the port-0x61 speaker logic (QEMU microvm has none); interrupts are off,
 /// so its IRQ 0 at terminal count is moot. Each PIT read is three VM exits
 /// and the vCPU may be preempted, so every read is bracketed by two TSC
-/// reads, the tightest of several is kept, and a run whose brackets are
-/// loose (more than 0.1% of the window) is repeated.
+/// reads, the tightest of several is kept, and a window whose brackets are
+/// loose (more than 0.1% of it) or that was preempted long enough for the
+/// counter to wrap is repeated.
 fn pit_khz() -> Option<u64> {
-    const ATTEMPTS: u32 = 5;
-    let mut best: Option<(u64, u64)> = None; // (khz, uncertainty in ticks)
+    const ATTEMPTS: u32 = 10;
+    let mut best: Option<Window> = None;
     for _ in 0..ATTEMPTS {
-        let (khz, window, slack) = pit_window()?;
-        if best.is_none_or(|(_, s)| slack < s) {
-            best = Some((khz, slack));
+        let Some(window) = pit_window()? else {
+            continue;
+        };
+        let tight = window.slack * 1000 < window.ticks;
+        if best.as_ref().is_none_or(|b| window.slack < b.slack) {
+            best = Some(window);
         }
-        if slack * 1000 < window {
+        if tight {
             break;
         }
     }
-    best.map(|(khz, _)| khz)
+    best.map(|w| w.khz)
 }
 
-/// One calibration window: (kHz, window in TSC ticks, uncertainty in ticks).
-fn pit_window() -> Option<(u64, u64, u64)> {
+struct Window {
+    khz: u64,
+    ticks: u64,
+    slack: u64,
+}
+
+/// One calibration window: `None` (outer) when there is no PIT, `Some(None)`
+/// when the window was disturbed and must be repeated.
+fn pit_window() -> Option<Option<Window>> {
     const STUCK_READS: u32 = 1000;
-    let wanted = PIT_HZ * PIT_CALIBRATION_MS / 1000;
+    // A larger step between two polls means a preemption that could hide a
+    // wrap of the counter (65535 - wanted > MAX_STEP keeps that impossible).
+    const MAX_STEP: u16 = 40_000;
+    let wanted = (PIT_HZ * PIT_CALIBRATION_MS / 1000) as u16;
     outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0, binary
     outb(0x40, 0xff);
     outb(0x40, 0xff);
     let first = tightest_read();
-    let mut reads = 0;
+    let mut previous = first.count;
+    let mut reads = 0u32;
     loop {
         let last = pit_read();
-        reads += 1;
-        let elapsed = u64::from(first.count.checked_sub(last.count)?);
-        let ticks = last.mid().wrapping_sub(first.mid());
+        reads = reads.saturating_add(1);
+        if last.count > previous || previous - last.count > MAX_STEP {
+            return Some(None);
+        }
+        previous = last.count;
+        let elapsed = first.count - last.count;
         if elapsed >= wanted {
             let last = if last.slack() > first.slack() {
                 tightest_read()
             } else {
                 last
             };
-            let elapsed = u64::from(first.count.checked_sub(last.count)?);
+            let Some(elapsed) = first.count.checked_sub(last.count) else {
+                return Some(None);
+            };
             let ticks = last.mid().wrapping_sub(first.mid());
-            let slack = (first.slack() + last.slack()) / 2;
-            return Some((ticks * PIT_HZ / (elapsed * 1000), ticks, slack));
+            let khz = ticks * PIT_HZ / (u64::from(elapsed) * 1000);
+            return Some(Some(Window {
+                khz,
+                ticks,
+                slack: (first.slack() + last.slack()) / 2,
+            }));
         }
         // An absent PIT reads as a constant (0xffff); a real one moves.
-        if (elapsed == 0 && reads == STUCK_READS) || ticks > PIT_GIVE_UP_TICKS {
+        if elapsed == 0 && reads == STUCK_READS {
             return None;
         }
     }

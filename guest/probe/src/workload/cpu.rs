@@ -4,8 +4,9 @@
 //! with the TSC and reports events per second.
 
 use super::Workload;
-use crate::rt::{bootinfo::BootInfo, fail::Fail, params::Params, tsc};
+use crate::rt::{fail::Fail, tsc};
 use crate::say;
+use oxvirt_probe::{bootinfo::BootInfo, params::Params};
 
 pub const WORKLOAD: Workload = Workload {
     name: "cpu",

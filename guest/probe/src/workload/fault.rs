@@ -3,7 +3,8 @@
 //! exit code 1 rather than a silent reset.
 
 use super::Workload;
-use crate::rt::{bootinfo::BootInfo, fail::Fail, params::Params};
+use crate::rt::fail::Fail;
+use oxvirt_probe::{bootinfo::BootInfo, params::Params};
 
 pub const WORKLOAD: Workload = Workload {
     name: "fault",

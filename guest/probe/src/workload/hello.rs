@@ -2,8 +2,9 @@
 //! used to time a VMM from process start to guest exit.
 
 use super::Workload;
-use crate::rt::{bootinfo::BootInfo, fail::Fail, lapic::Lapic, params::Params};
+use crate::rt::{fail::Fail, lapic::Lapic};
 use crate::say;
+use oxvirt_probe::{bootinfo::BootInfo, params::Params};
 
 pub const WORKLOAD: Workload = Workload {
     name: "hello",

@@ -10,11 +10,11 @@
 //! position); a page lost or left stale by a migration or snapshot fails.
 
 use super::Workload;
-use crate::rt::bootinfo::BootInfo;
 use crate::rt::fail::Fail;
-use crate::rt::params::Params;
 use crate::rt::tsc::{self, Tsc};
 use crate::{fail, say};
+use oxvirt_probe::bootinfo::BootInfo;
+use oxvirt_probe::params::Params;
 
 pub const WORKLOAD: Workload = Workload {
     name: "mem",

@@ -8,9 +8,9 @@ pub mod mem;
 pub mod smp;
 
 use crate::fail;
-use crate::rt::bootinfo::BootInfo;
 use crate::rt::fail::Fail;
-use crate::rt::params::Params;
+use oxvirt_probe::bootinfo::BootInfo;
+use oxvirt_probe::params::Params;
 
 pub struct Workload {
     pub name: &'static str,

@@ -1,23 +1,23 @@
 //! `smp`: every vCPU reports in. The boot CPU finds the CPUs in the MADT or
-//! MP table (`discover`), copies the real-mode trampoline below 1 MiB and
+//! MP table (`oxvirt_probe::firmware`), copies the real-mode trampoline below 1 MiB and
 //! starts each AP with INIT-SIPI-SIPI through its xAPIC (MMIO, which the
 //! identity map gives ring 3). An AP runs the same long-mode path as the
 //! boot CPU, enters ring 3, prints `PROBE RESULT smp cpu=<apic id>` and
 //! parks; the boot CPU then prints the total.
 
-mod discover;
-
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::Workload;
 use crate::boot::{self, AP_BOOT_INDEX};
-use crate::rt::bootinfo::BootInfo;
 use crate::rt::fail::Fail;
 use crate::rt::io::pause;
 use crate::rt::lapic::Lapic;
-use crate::rt::params::Params;
+use crate::rt::physmem::IdentityMap;
 use crate::rt::tsc::Tsc;
 use crate::{fail, say};
+use oxvirt_probe::bootinfo::BootInfo;
+use oxvirt_probe::firmware;
+use oxvirt_probe::params::Params;
 
 pub const WORKLOAD: Workload = Workload {
     name: "smp",
@@ -38,7 +38,7 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let clock = Tsc::detect()?;
     let bsp = Lapic::default().id();
     say!("PROBE RESULT smp cpu={bsp}");
-    let cpus = discover::discover(boot.rsdp_paddr)?;
+    let cpus = firmware::discover(&IdentityMap, boot.rsdp_paddr)?;
     let aps = cpus.apic_ids().iter().copied().filter(|&id| id != bsp);
     if aps.clone().count() > 0 {
         install_trampoline(boot)?;

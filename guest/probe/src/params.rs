@@ -6,7 +6,7 @@ use core::fmt;
 
 const MAX_PARAMS: usize = 16;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum ParamError<'a> {
     NoWorkload,
     TooMany,
@@ -160,5 +160,86 @@ impl<'a> Params<'a> {
     /// `probe.<key>=0|1`.
     pub fn flag(&self, key: &'static str) -> Result<bool, ParamError<'a>> {
         Ok(self.u64(key, 0, 0, 1)? == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CPU_KEYS: &[&str] = &["max_prime", "events"];
+
+    #[test]
+    fn reads_the_workload_and_its_parameters() {
+        let params =
+            Params::parse("console=ttyS0 probe=cpu probe.events=5 quiet probe.max_prime=7")
+                .unwrap();
+        assert_eq!(params.workload, "cpu");
+        assert_eq!(params.check_known(CPU_KEYS), Ok(()));
+        assert_eq!(params.u64("events", 1, 1, 10), Ok(5));
+        assert_eq!(params.u64("max_prime", 1, 1, 10), Ok(7));
+        assert_eq!(params.opt_u64("other", 0, 9), Ok(None));
+        assert_eq!(params.u64("other", 4, 0, 9), Ok(4));
+    }
+
+    #[test]
+    fn the_last_repeat_wins() {
+        let params = Params::parse("probe=hello probe=cpu probe.events=1 probe.events=2").unwrap();
+        assert_eq!(params.workload, "cpu");
+        assert_eq!(params.u64("events", 0, 0, 9), Ok(2));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        assert_eq!(
+            Params::parse("console=ttyS0").err(),
+            Some(ParamError::NoWorkload)
+        );
+        assert_eq!(
+            Params::parse("probe= x").err(),
+            Some(ParamError::NoWorkload)
+        );
+        let params = Params::parse(
+            "probe=cpu probe.evnets=5 probe.events=x probe.max_prime=99999999999999999999",
+        )
+        .unwrap();
+        assert!(matches!(
+            params.check_known(CPU_KEYS),
+            Err(ParamError::Unknown { key: "evnets", .. })
+        ));
+        assert_eq!(
+            params.u64("events", 1, 1, 10),
+            Err(ParamError::NotANumber {
+                key: "events",
+                value: "x"
+            })
+        );
+        assert!(matches!(
+            params.u64("max_prime", 1, 1, 10),
+            Err(ParamError::NotANumber { .. })
+        ));
+        let params = Params::parse("probe=mem probe.mib=0 probe.verify=2 probe.flag").unwrap();
+        assert_eq!(
+            params.u64("mib", 1, 1, 10),
+            Err(ParamError::OutOfRange {
+                key: "mib",
+                value: 0,
+                min: 1,
+                max: 10
+            })
+        );
+        assert!(params.flag("verify").is_err());
+        assert_eq!(params.get("flag"), Some(""));
+        let message = format!("{}", params.check_known(&["mib"]).unwrap_err());
+        assert_eq!(
+            message,
+            "unknown parameter probe.verify for workload mem (known: mib)"
+        );
+    }
+
+    #[test]
+    fn too_many_parameters() {
+        let cmdline = format!("probe=cpu{}", " probe.k=1".repeat(MAX_PARAMS + 1));
+        assert_eq!(Params::parse(&cmdline).err(), Some(ParamError::TooMany));
     }
 }
