@@ -14,7 +14,6 @@ use diskimg::ops::info;
 use diskimg::qcow2::check::{CheckResult, Repair};
 use diskimg::qcow2::create::CreateOptions;
 use diskimg::qcow2::header::Compression;
-use diskimg::BlockDevice;
 use opts::{on_off, parse_size, Opts};
 
 /// qemu-img compatible image tool.
@@ -166,6 +165,15 @@ fn create(args: &[String]) -> Result<u8> {
     Ok(0)
 }
 
+/// JSON as qemu-img prints it: four-space indents.
+fn print_json(text: serde_json::Result<String>) -> Result<()> {
+    for line in text?.lines() {
+        let body = line.trim_start_matches(' ');
+        println!("{}{body}", " ".repeat(2 * (line.len() - body.len())));
+    }
+    Ok(())
+}
+
 fn json_output(o: &Opts) -> Result<bool> {
     match o.value("output").unwrap_or("human") {
         "human" => Ok(false),
@@ -186,7 +194,7 @@ fn info_cmd(args: &[String]) -> Result<u8> {
     if o.has("backing-chain") {
         let chain = info::info_chain(&file, fmt)?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&chain)?);
+            print_json(serde_json::to_string_pretty(&chain))?;
         } else {
             let text: Vec<String> = chain.iter().map(info::human).collect();
             print!("{}", text.join("\n"));
@@ -194,7 +202,7 @@ fn info_cmd(args: &[String]) -> Result<u8> {
     } else {
         let i = info::info(&file, fmt)?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&i)?);
+            print_json(serde_json::to_string_pretty(&i))?;
         } else {
             print!("{}", info::human(&i));
         }
@@ -273,7 +281,7 @@ fn print_check_json(file: &Path, r: &CheckResult) -> Result<()> {
     m.insert("format".into(), "qcow2".into());
     m.insert("fragmented-clusters".into(), r.fragmented_clusters.into());
     m.insert("compressed-clusters".into(), r.compressed_clusters.into());
-    println!("{}", serde_json::to_string_pretty(&m)?);
+    print_json(serde_json::to_string_pretty(&m))?;
     Ok(())
 }
 
@@ -299,6 +307,10 @@ fn print_check_human(r: &CheckResult, quiet: bool) {
         if r.leaks > 0 {
             println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks);
         }
+    }
+    if r.total_clusters == 0 || r.allocated_clusters == 0 {
+        println!("Image end offset: {}", r.image_end_offset);
+        return;
     }
     let pct = |n: u64| {
         if r.total_clusters == 0 {

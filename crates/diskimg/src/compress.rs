@@ -33,7 +33,11 @@ pub fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> Result<(),
             let mut d = Decompress::new(false);
             match d.decompress(input, out, FlushDecompress::Finish) {
                 Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
-                Ok(_) => Err(format!("deflate data inflates to {} bytes, not {}", d.total_out(), out.len())),
+                Ok(_) => Err(format!(
+                    "deflate data inflates to {} bytes, not {}",
+                    d.total_out(),
+                    out.len()
+                )),
                 Err(e) => Err(format!("deflate data: {e}")),
             }
         }

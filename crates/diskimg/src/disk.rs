@@ -30,7 +30,10 @@ impl Disk {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt(
                 &self.path,
-                format!("{what} at offset 0x{offset:x} ({} bytes) lies beyond the end of the file", buf.len()),
+                format!(
+                    "{what} at offset 0x{offset:x} ({} bytes) lies beyond the end of the file",
+                    buf.len()
+                ),
             )),
             Err(e) => Err(io(&self.path)(e)),
         }

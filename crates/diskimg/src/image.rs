@@ -38,7 +38,9 @@ impl std::str::FromStr for Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
-            _ => Err(Error::Usage(format!("Unknown file format '{s}' (supported: raw, qcow2, vmdk)"))),
+            _ => Err(Error::Usage(format!(
+                "Unknown file format '{s}' (supported: raw, qcow2, vmdk)"
+            ))),
         }
     }
 }
@@ -72,12 +74,18 @@ pub struct Chain {
 
 impl Chain {
     pub fn new() -> Chain {
-        Chain { seen: Vec::new(), follow: true }
+        Chain {
+            seen: Vec::new(),
+            follow: true,
+        }
     }
 
     /// Opens images without their backing files (for metadata work).
     pub fn without_backing() -> Chain {
-        Chain { seen: Vec::new(), follow: false }
+        Chain {
+            seen: Vec::new(),
+            follow: false,
+        }
     }
 
     fn enter(&mut self, path: &Path) -> Result<()> {
@@ -100,12 +108,21 @@ impl Chain {
         Ok(())
     }
 
-    pub(crate) fn open_backing(&mut self, image: &Path, name: &str, format: Option<&str>) -> Result<Option<Box<dyn BlockDevice>>> {
+    pub(crate) fn open_backing(
+        &mut self,
+        image: &Path,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<Option<Box<dyn BlockDevice>>> {
         if !self.follow {
             return Ok(None);
         }
         let path = resolve_backing(image, name);
-        let fail = |problem: String| Error::Backing { path: image.to_path_buf(), backing: path.clone(), problem };
+        let fail = |problem: String| Error::Backing {
+            path: image.to_path_buf(),
+            backing: path.clone(),
+            problem,
+        };
         if !path.exists() {
             return Err(fail("No such file or directory".into()));
         }
@@ -116,7 +133,12 @@ impl Chain {
         self.open(&path, true, format).map(Some)
     }
 
-    pub fn open(&mut self, path: &Path, read_only: bool, format: Option<Format>) -> Result<Box<dyn BlockDevice>> {
+    pub fn open(
+        &mut self,
+        path: &Path,
+        read_only: bool,
+        format: Option<Format>,
+    ) -> Result<Box<dyn BlockDevice>> {
         self.enter(path)?;
         let format = match format {
             Some(f) => f,
@@ -127,7 +149,10 @@ impl Chain {
             Format::Qcow2 => Box::new(Qcow2::open(path, read_only, self)?),
             Format::Vmdk => {
                 if !read_only {
-                    return Err(Error::Unsupported { path: path.into(), what: "writing VMDK images".into() });
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        what: "writing VMDK images".into(),
+                    });
                 }
                 Box::new(Vmdk::open(path)?)
             }

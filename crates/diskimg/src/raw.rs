@@ -15,24 +15,44 @@ pub struct Raw {
 
 impl Raw {
     pub fn open(path: &Path, read_only: bool) -> Result<Raw> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(io(path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(io(path))?;
         let disk = Disk::new(file, path);
         let size = disk.len()?;
-        Ok(Raw { disk, size, read_only })
+        Ok(Raw {
+            disk,
+            size,
+            read_only,
+        })
     }
 
     /// Creates a sparse raw image of `size` bytes.
     pub fn create(path: &Path, size: u64) -> Result<()> {
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io(path))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io(path))?;
         file.set_len(size).map_err(io(path))
     }
 
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
         if write && self.read_only {
-            return Err(Error::ReadOnly { path: self.disk.path.clone() });
+            return Err(Error::ReadOnly {
+                path: self.disk.path.clone(),
+            });
         }
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(Error::OutOfRange { path: self.disk.path.clone(), offset, len, size: self.size });
+            return Err(Error::OutOfRange {
+                path: self.disk.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -89,9 +109,16 @@ impl BlockDevice for Raw {
         match seek(f, SeekFrom::Data(offset)) {
             Ok(data) if data > offset => Ok((Allocation::Zero, (data.min(end)) - offset)),
             Ok(_) => {
-                let hole = seek(f, SeekFrom::Hole(offset)).map_err(|e| io(&self.disk.path)(e.into()))?;
+                let hole =
+                    seek(f, SeekFrom::Hole(offset)).map_err(|e| io(&self.disk.path)(e.into()))?;
                 let n = hole.min(end).saturating_sub(offset).max(1);
-                Ok((Allocation::Data { host: Some(offset), compressed: false }, n))
+                Ok((
+                    Allocation::Data {
+                        host: Some(offset),
+                        compressed: false,
+                    },
+                    n,
+                ))
             }
             // ENXIO: no data after offset, the rest is a hole.
             Err(_) => Ok((Allocation::Zero, len)),

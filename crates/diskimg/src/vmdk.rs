@@ -64,18 +64,30 @@ impl Vmdk {
         disk.read_meta(&mut head[..n], 0, "VMDK header")?;
         if head.starts_with(b"KDMV") {
             let sparse = Sparse::open(disk)?;
-            return Ok(Vmdk { path: path.into(), size: sparse.0, extents: Extents::Sparse(Box::new(sparse.1)) });
+            return Ok(Vmdk {
+                path: path.into(),
+                size: sparse.0,
+                extents: Extents::Sparse(Box::new(sparse.1)),
+            });
         }
         let len = disk.len()?;
         if len > 1 << 20 {
-            return Err(invalid(path, "descriptor", "text descriptor larger than 1 MiB"));
+            return Err(invalid(
+                path,
+                "descriptor",
+                "text descriptor larger than 1 MiB",
+            ));
         }
         let mut text = vec![0u8; len as usize];
         disk.read_meta(&mut text, 0, "VMDK descriptor")?;
         let text = String::from_utf8_lossy(&text).into_owned();
         let flats = parse_flat_extents(path, &text)?;
         let size = flats.last().map_or(0, |f| f.start + f.len);
-        Ok(Vmdk { path: path.into(), size, extents: Extents::Flat(flats) })
+        Ok(Vmdk {
+            path: path.into(),
+            size,
+            extents: Extents::Flat(flats),
+        })
     }
 
     pub fn size_of(&self) -> u64 {
@@ -83,7 +95,9 @@ impl Vmdk {
     }
 
     fn read_only_err(&self) -> Error {
-        Error::ReadOnly { path: self.path.clone() }
+        Error::ReadOnly {
+            path: self.path.clone(),
+        }
     }
 }
 
@@ -99,17 +113,32 @@ fn parse_flat_extents(path: &Path, text: &str) -> Result<Vec<Flat>> {
         }
         let field = format!("descriptor line {}", no + 1);
         if words.len() < 4 || words[2] != "FLAT" {
-            return Err(Error::Unsupported { path: path.into(), what: format!("{field}: extent type other than FLAT in a descriptor file: {line}") });
+            return Err(Error::Unsupported {
+                path: path.into(),
+                what: format!("{field}: extent type other than FLAT in a descriptor file: {line}"),
+            });
         }
-        let sectors: u64 = words[1].parse().map_err(|_| invalid(path, &field, format!("bad sector count '{}'", words[1])))?;
-        let name = line.split('"').nth(1).ok_or_else(|| invalid(path, &field, "extent file name not quoted"))?;
+        let sectors: u64 = words[1]
+            .parse()
+            .map_err(|_| invalid(path, &field, format!("bad sector count '{}'", words[1])))?;
+        let name = line
+            .split('"')
+            .nth(1)
+            .ok_or_else(|| invalid(path, &field, "extent file name not quoted"))?;
         let file_offset: u64 = match words.last() {
-            Some(w) if !w.ends_with('"') => w.parse().map_err(|_| invalid(path, &field, format!("bad offset '{w}'")))?,
+            Some(w) if !w.ends_with('"') => w
+                .parse()
+                .map_err(|_| invalid(path, &field, format!("bad offset '{w}'")))?,
             _ => 0,
         };
         let extent = resolve_backing(path, name);
         let file = File::open(&extent).map_err(io(&extent))?;
-        flats.push(Flat { disk: Disk::new(file, &extent), start, len: sectors * SECTOR, file_offset: file_offset * SECTOR });
+        flats.push(Flat {
+            disk: Disk::new(file, &extent),
+            start,
+            len: sectors * SECTOR,
+            file_offset: file_offset * SECTOR,
+        });
         start += sectors * SECTOR;
     }
     if flats.is_empty() {
@@ -128,7 +157,11 @@ impl Sparse {
             // streamOptimized: the real header is the footer, 1 KiB before the end.
             let len = disk.len()?;
             if len < 1536 {
-                return Err(invalid(&path, "footer", "file too short for a streamOptimized footer"));
+                return Err(invalid(
+                    &path,
+                    "footer",
+                    "file too short for a streamOptimized footer",
+                ));
             }
             disk.read_meta(&mut h, len - 1024, "VMDK footer")?;
             if !h.starts_with(b"KDMV") {
@@ -138,27 +171,57 @@ impl Sparse {
         }
         let version = le32(&h, 4);
         if !(1..=3).contains(&version) {
-            return Err(invalid(&path, "version", format!("{version} (supported: 1 to 3)")));
+            return Err(invalid(
+                &path,
+                "version",
+                format!("{version} (supported: 1 to 3)"),
+            ));
         }
         let flags = le32(&h, 8);
         let capacity = le64(&h, 12);
         let grain_sectors = le64(&h, 20);
         let gtes_per_gt = u64::from(le32(&h, 44));
-        if grain_sectors == 0 || grain_sectors > MAX_GRAIN_SECTORS || !grain_sectors.is_power_of_two() {
-            return Err(invalid(&path, "grainSize", format!("{grain_sectors} sectors")));
+        if grain_sectors == 0
+            || grain_sectors > MAX_GRAIN_SECTORS
+            || !grain_sectors.is_power_of_two()
+        {
+            return Err(invalid(
+                &path,
+                "grainSize",
+                format!("{grain_sectors} sectors"),
+            ));
         }
         if gtes_per_gt != 512 {
-            return Err(invalid(&path, "numGTEsPerGT", format!("{gtes_per_gt} (must be 512)")));
+            return Err(invalid(
+                &path,
+                "numGTEsPerGT",
+                format!("{gtes_per_gt} (must be 512)"),
+            ));
         }
         if capacity > (1 << 41) {
-            return Err(invalid(&path, "capacity", format!("{capacity} sectors is too large")));
+            return Err(invalid(
+                &path,
+                "capacity",
+                format!("{capacity} sectors is too large"),
+            ));
         }
         let entries = capacity.div_ceil(grain_sectors * gtes_per_gt) as usize;
         let mut raw = vec![0u8; entries * 4];
-        disk.read_meta(&mut raw, gd_offset.saturating_mul(SECTOR), "VMDK grain directory")?;
+        disk.read_meta(
+            &mut raw,
+            gd_offset.saturating_mul(SECTOR),
+            "VMDK grain directory",
+        )?;
         let directory = (0..entries).map(|i| le32(&raw, i * 4)).collect();
         let compressed = flags & FLAG_COMPRESSED != 0 && le16(&h, 77) == 1;
-        let sparse = Sparse { disk, grain_sectors, gtes_per_gt, compressed, directory, tables: Mutex::new(HashMap::new()) };
+        let sparse = Sparse {
+            disk,
+            grain_sectors,
+            gtes_per_gt,
+            compressed,
+            directory,
+            tables: Mutex::new(HashMap::new()),
+        };
         Ok((capacity * SECTOR, sparse))
     }
 
@@ -171,8 +234,17 @@ impl Sparse {
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         if !tables.contains_key(&gt_sector) {
             let mut raw = vec![0u8; self.gtes_per_gt as usize * 4];
-            self.disk.read_meta(&mut raw, u64::from(gt_sector) * SECTOR, &format!("grain table {gd}"))?;
-            tables.insert(gt_sector, (0..self.gtes_per_gt as usize).map(|i| le32(&raw, i * 4)).collect());
+            self.disk.read_meta(
+                &mut raw,
+                u64::from(gt_sector) * SECTOR,
+                &format!("grain table {gd}"),
+            )?;
+            tables.insert(
+                gt_sector,
+                (0..self.gtes_per_gt as usize)
+                    .map(|i| le32(&raw, i * 4))
+                    .collect(),
+            );
         }
         Ok(tables[&gt_sector][(grain % self.gtes_per_gt) as usize])
     }
@@ -186,14 +258,21 @@ impl Sparse {
         self.disk.read_meta(&mut marker, at, "grain marker")?;
         let len = le32(&marker, 8) as u64;
         if len > out.len() as u64 * 2 + 4096 {
-            return Err(corrupt(&self.disk.path, format!("grain at sector {sector}: compressed size {len} too large")));
+            return Err(corrupt(
+                &self.disk.path,
+                format!("grain at sector {sector}: compressed size {len} too large"),
+            ));
         }
         let mut data = vec![0u8; len as usize];
-        self.disk.read_meta(&mut data, at + 12, "compressed grain")?;
+        self.disk
+            .read_meta(&mut data, at + 12, "compressed grain")?;
         let mut d = Decompress::new(true);
         let res = d.decompress(&data, out, FlushDecompress::Finish);
         if res.is_err() || d.total_out() != out.len() as u64 {
-            return Err(corrupt(&self.disk.path, format!("grain at sector {sector}: bad deflate data")));
+            return Err(corrupt(
+                &self.disk.path,
+                format!("grain at sector {sector}: bad deflate data"),
+            ));
         }
         Ok(())
     }
@@ -213,7 +292,9 @@ impl Sparse {
                     self.read_grain(s, &mut grain)?;
                     chunk.copy_from_slice(&grain[in_grain as usize..in_grain as usize + n]);
                 }
-                s => self.disk.read_data(chunk, u64::from(s) * SECTOR + in_grain)?,
+                s => self
+                    .disk
+                    .read_data(chunk, u64::from(s) * SECTOR + in_grain)?,
             }
             done += n;
         }
@@ -231,8 +312,16 @@ impl BlockDevice for Vmdk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
-            return Err(Error::OutOfRange { path: self.path.clone(), offset, len: buf.len() as u64, size: self.size });
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len: buf.len() as u64,
+                size: self.size,
+            });
         }
         match &self.extents {
             Extents::Sparse(s) => s.read(buf, offset),
@@ -240,9 +329,15 @@ impl BlockDevice for Vmdk {
                 let mut done = 0usize;
                 while done < buf.len() {
                     let g = offset + done as u64;
-                    let f = flats.iter().find(|f| g >= f.start && g < f.start + f.len).ok_or_else(|| corrupt(&self.path, format!("no extent covers offset {g}")))?;
+                    let f = flats
+                        .iter()
+                        .find(|f| g >= f.start && g < f.start + f.len)
+                        .ok_or_else(|| {
+                            corrupt(&self.path, format!("no extent covers offset {g}"))
+                        })?;
                     let n = ((buf.len() - done) as u64).min(f.start + f.len - g) as usize;
-                    f.disk.read_data(&mut buf[done..done + n], f.file_offset + g - f.start)?;
+                    f.disk
+                        .read_data(&mut buf[done..done + n], f.file_offset + g - f.start)?;
                     done += n;
                 }
                 Ok(())

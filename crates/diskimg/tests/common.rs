@@ -33,7 +33,9 @@ pub fn qemu_img(args: &[&str]) -> Option<std::process::Output> {
 
 /// `qemu-img check` must find the image clean: exit 0.
 pub fn assert_qemu_clean(path: &Path) {
-    let Some(out) = qemu_img(&["check", path.to_str().unwrap()]) else { return };
+    let Some(out) = qemu_img(&["check", path.to_str().unwrap()]) else {
+        return;
+    };
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -48,7 +50,10 @@ pub fn qemu_ok(args: &[&str]) -> bool {
     match qemu_img(args) {
         Some(out) => {
             if !out.status.success() {
-                eprintln!("qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "qemu-img {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             out.status.success()
         }

@@ -71,7 +71,18 @@ fn run_model(dir: &Path, opts: CreateOptions, backing: bool, seed: u64) {
     let dump = dir.join("model.raw");
     std::fs::write(&dump, &model).unwrap();
     if qemu_ok(&["--version"]) {
-        assert!(qemu_ok(&["compare", "-f", "qcow2", "-F", "raw", path.to_str().unwrap(), dump.to_str().unwrap()]), "qemu-img compare failed");
+        assert!(
+            qemu_ok(&[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                path.to_str().unwrap(),
+                dump.to_str().unwrap()
+            ]),
+            "qemu-img compare failed"
+        );
     }
 }
 
@@ -79,11 +90,46 @@ fn variants() -> Vec<(&'static str, CreateOptions)> {
     let d = CreateOptions::default();
     vec![
         ("default", d.clone()),
-        ("v2", CreateOptions { version: 2, ..d.clone() }),
-        ("4k-refcount1", CreateOptions { cluster_size: 4096, refcount_bits: 1, ..d.clone() }),
-        ("512-refcount64", CreateOptions { cluster_size: 512, refcount_bits: 64, ..d.clone() }),
-        ("extl2-zstd", CreateOptions { cluster_size: 32768, extended_l2: true, compression: Compression::Zstd, ..d.clone() }),
-        ("refcount8-lazy", CreateOptions { refcount_bits: 8, lazy_refcounts: true, ..d }),
+        (
+            "v2",
+            CreateOptions {
+                version: 2,
+                ..d.clone()
+            },
+        ),
+        (
+            "4k-refcount1",
+            CreateOptions {
+                cluster_size: 4096,
+                refcount_bits: 1,
+                ..d.clone()
+            },
+        ),
+        (
+            "512-refcount64",
+            CreateOptions {
+                cluster_size: 512,
+                refcount_bits: 64,
+                ..d.clone()
+            },
+        ),
+        (
+            "extl2-zstd",
+            CreateOptions {
+                cluster_size: 32768,
+                extended_l2: true,
+                compression: Compression::Zstd,
+                ..d.clone()
+            },
+        ),
+        (
+            "refcount8-lazy",
+            CreateOptions {
+                refcount_bits: 8,
+                lazy_refcounts: true,
+                ..d
+            },
+        ),
     ]
 }
 
@@ -110,7 +156,15 @@ fn model_with_backing() {
 fn threads_share_one_image() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mt.qcow2");
-    create(&path, &CreateOptions { size: SIZE, cluster_size: 4096, ..Default::default() }).unwrap();
+    create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let img = diskimg::open(&path, false, None).unwrap();
     std::thread::scope(|s| {
         for t in 0..4u64 {
@@ -128,7 +182,10 @@ fn threads_share_one_image() {
     let mut back = vec![0u8; SIZE as usize];
     img.read_at(&mut back, 0).unwrap();
     for (i, &b) in back.iter().enumerate() {
-        assert!(b == 0 || u64::from(b) == i as u64 / (SIZE / 4) + 1, "byte {i} = {b}");
+        assert!(
+            b == 0 || u64::from(b) == i as u64 / (SIZE / 4) + 1,
+            "byte {i} = {b}"
+        );
     }
     drop(img);
     assert_qemu_clean(&path);

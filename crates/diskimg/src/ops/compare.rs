@@ -26,7 +26,9 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<u64> {
 }
 
 fn first_nonzero(a: &[u8]) -> Option<u64> {
-    a.chunks(SECTOR as usize).position(|x| x.iter().any(|&b| b != 0)).map(|i| i as u64 * SECTOR)
+    a.chunks(SECTOR as usize)
+        .position(|x| x.iter().any(|&b| b != 0))
+        .map(|i| i as u64 * SECTOR)
 }
 
 /// Compares `a` and `b`. Without `strict`, the longer image's tail must

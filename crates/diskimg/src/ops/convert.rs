@@ -77,7 +77,12 @@ impl Concat {
 
 /// Converts `sources` into `dest`. A failure removes a target this call
 /// created; the sources are only ever opened read-only.
-pub fn convert(sources: &[(PathBuf, Option<Format>)], dest: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
+pub fn convert(
+    sources: &[(PathBuf, Option<Format>)],
+    dest: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
     let mut parts = Vec::new();
     let mut size = 0;
     for (path, fmt) in sources {
@@ -101,8 +106,17 @@ pub fn convert(sources: &[(PathBuf, Option<Format>)], dest: &Path, opts: &Conver
 fn create_target(dest: &Path, opts: &ConvertOptions, size: u64) -> Result<()> {
     match opts.out_format {
         Format::Raw => Raw::create(dest, size),
-        Format::Qcow2 => create(dest, &CreateOptions { size, ..opts.create.clone() }),
-        Format::Vmdk => Err(Error::Unsupported { path: dest.into(), what: "writing VMDK images".into() }),
+        Format::Qcow2 => create(
+            dest,
+            &CreateOptions {
+                size,
+                ..opts.create.clone()
+            },
+        ),
+        Format::Vmdk => Err(Error::Unsupported {
+            path: dest.into(),
+            what: "writing VMDK images".into(),
+        }),
     }
 }
 
@@ -113,7 +127,12 @@ enum Target {
     Compressed(Qcow2),
 }
 
-fn copy(src: &Concat, dest: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
+fn copy(
+    src: &Concat,
+    dest: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
     let mut chain = Chain::new();
     let target = match opts.out_format {
         Format::Qcow2 if opts.compress => Target::Compressed(chain.open_qcow2(dest, false)?),
@@ -124,7 +143,12 @@ fn copy(src: &Concat, dest: &Path, opts: &ConvertOptions, progress: &mut dyn FnM
         Target::Compressed(q) => q,
     };
     if dev.size() < src.size {
-        return Err(Error::Usage(format!("{}: target is smaller ({} bytes) than the source ({} bytes)", dest.display(), dev.size(), src.size)));
+        return Err(Error::Usage(format!(
+            "{}: target is smaller ({} bytes) than the source ({} bytes)",
+            dest.display(),
+            dev.size(),
+            src.size
+        )));
     }
     progress(0.0);
     let mut at = 0;
@@ -140,7 +164,13 @@ fn copy(src: &Concat, dest: &Path, opts: &ConvertOptions, progress: &mut dyn FnM
     dev.flush()
 }
 
-fn copy_chunk(src: &Concat, dst: &dyn BlockDevice, start: u64, len: u64, opts: &ConvertOptions) -> Result<()> {
+fn copy_chunk(
+    src: &Concat,
+    dst: &dyn BlockDevice,
+    start: u64,
+    len: u64,
+    opts: &ConvertOptions,
+) -> Result<()> {
     let mut at = start;
     let end = start + len;
     let mut buf = vec![0u8; len as usize];
@@ -161,7 +191,12 @@ fn copy_chunk(src: &Concat, dst: &dyn BlockDevice, start: u64, len: u64, opts: &
 }
 
 /// Writes `data`, skipping aligned zero runs of at least `min_sparse`.
-fn write_sparse(dst: &dyn BlockDevice, data: &[u8], offset: u64, opts: &ConvertOptions) -> Result<()> {
+fn write_sparse(
+    dst: &dyn BlockDevice,
+    data: &[u8],
+    offset: u64,
+    opts: &ConvertOptions,
+) -> Result<()> {
     let block = opts.min_sparse as usize;
     if block == 0 {
         return dst.write_at(data, offset);
@@ -187,7 +222,13 @@ fn write_sparse(dst: &dyn BlockDevice, data: &[u8], offset: u64, opts: &ConvertO
 
 /// Compresses each non-zero cluster of the chunk on `opts.threads`
 /// threads, then stores them in order.
-fn copy_compressed(src: &Concat, q: &Qcow2, start: u64, len: u64, opts: &ConvertOptions) -> Result<()> {
+fn copy_compressed(
+    src: &Concat,
+    q: &Qcow2,
+    start: u64,
+    len: u64,
+    opts: &ConvertOptions,
+) -> Result<()> {
     let cs = q.cluster_size();
     let mut buf = vec![0u8; len.div_ceil(cs) as usize * cs as usize];
     let mut at = start;
@@ -210,20 +251,31 @@ fn copy_compressed(src: &Concat, q: &Qcow2, start: u64, len: u64, opts: &Convert
                 s.spawn(move || {
                     group
                         .iter()
-                        .map(|c| if c.iter().all(|&b| b == 0) { None } else { Some(compress::compress(kind, c).ok_or(*c)) })
+                        .map(|c| {
+                            if c.iter().all(|&b| b == 0) {
+                                None
+                            } else {
+                                Some(compress::compress(kind, c).ok_or(*c))
+                            }
+                        })
                         .map(|r| r.map(|v| v.unwrap_or_else(|raw| raw.to_vec())))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
     });
     for (i, c) in packed.into_iter().enumerate() {
         let guest = start + i as u64 * cs;
         match c {
             None if opts.no_create => q.write_zeroes(guest, cs.min(q.size() - guest))?,
             None => {}
-            Some(data) if data.len() as u64 == cs => q.write_at(&data[..cs.min(q.size() - guest) as usize], guest)?,
+            Some(data) if data.len() as u64 == cs => {
+                q.write_at(&data[..cs.min(q.size() - guest) as usize], guest)?
+            }
             Some(data) => q.write_compressed(guest, &data)?,
         }
     }

@@ -79,7 +79,7 @@ fn file_node(path: &Path) -> Result<ImageInfo> {
         children: Vec::new(),
         backing_filename_format: None,
         snapshots: None,
-        virtual_size: meta.len(),
+        virtual_size: meta.len().div_ceil(512) * 512,
         filename: path.display().to_string(),
         cluster_size: None,
         format: "file".into(),
@@ -109,7 +109,10 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
         Format::Vmdk => out.virtual_size = crate::vmdk::Vmdk::open(path)?.size_of(),
         Format::Qcow2 => qcow2_info(path, &mut out)?,
     }
-    out.children.push(Child { name: "file".into(), info: Box::new(file) });
+    out.children.push(Child {
+        name: "file".into(),
+        info: Box::new(file),
+    });
     Ok(out)
 }
 
@@ -134,7 +137,12 @@ fn qcow2_info(path: &Path, out: &mut ImageInfo) -> Result<()> {
         out.backing_filename_format = h.backing_format.clone();
     }
     if h.nb_snapshots > 0 {
-        let (snaps, _) = snapshot::read_table(q.disk(), h.snapshots_offset, h.nb_snapshots, h.cluster_size())?;
+        let (snaps, _) = snapshot::read_table(
+            q.disk(),
+            h.snapshots_offset,
+            h.nb_snapshots,
+            h.cluster_size(),
+        )?;
         out.snapshots = Some(
             snaps
                 .into_iter()
@@ -158,7 +166,9 @@ fn qcow2_info(path: &Path, out: &mut ImageInfo) -> Result<()> {
 pub fn info_chain(path: &Path, format: Option<Format>) -> Result<Vec<ImageInfo>> {
     let mut chain = vec![info(path, format)?];
     while let Some(last) = chain.last() {
-        let Some(next) = last.full_backing_filename.clone() else { break };
+        let Some(next) = last.full_backing_filename.clone() else {
+            break;
+        };
         let fmt = match &last.backing_filename_format {
             Some(f) => Some(f.parse()?),
             None => None,
@@ -213,15 +223,29 @@ fn civil(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// The snapshot table as `qemu-img snapshot -l` and `info` print it.
 pub fn snapshot_table(snaps: &[SnapshotInfo]) -> String {
-    let mut s = format!("{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+    let mut s = format!(
+        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
     for sn in snaps {
         let secs = sn.vm_clock_sec;
-        let clock = format!("{:04}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, sn.vm_clock_nsec / 1_000_000);
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            sn.vm_clock_nsec / 1_000_000
+        );
         let icount = sn.icount.map_or(String::new(), |i| i.to_string());
         s.push_str(&format!(
             "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
@@ -265,7 +289,10 @@ pub fn human(i: &ImageInfo) -> String {
     }
     if let Some(FormatSpecific::Qcow2(q)) = &i.format_specific {
         s.push_str("Format specific information:\n");
-        s.push_str(&format!("    compat: {}\n    compression type: {}\n", q.compat, q.compression_type));
+        s.push_str(&format!(
+            "    compat: {}\n    compression type: {}\n",
+            q.compat, q.compression_type
+        ));
         if let Some(l) = q.lazy_refcounts {
             s.push_str(&format!("    lazy refcounts: {l}\n"));
         }

@@ -22,8 +22,19 @@ pub struct MapEntry {
 impl MapEntry {
     /// Whether `next` continues this entry (QEMU merges such runs).
     fn continues(&self, next: &MapEntry) -> bool {
-        let same = (self.depth, self.present, self.zero, self.data, self.compressed)
-            == (next.depth, next.present, next.zero, next.data, next.compressed);
+        let same = (
+            self.depth,
+            self.present,
+            self.zero,
+            self.data,
+            self.compressed,
+        ) == (
+            next.depth,
+            next.present,
+            next.zero,
+            next.data,
+            next.compressed,
+        );
         let offsets = match (self.offset, next.offset) {
             (Some(a), Some(b)) => a + self.length == b,
             (None, None) => true,

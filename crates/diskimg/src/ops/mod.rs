@@ -41,7 +41,13 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Chai
                 dev = b;
                 depth += 1;
             }
-            Some(_) => return Ok(ChainStatus { alloc, depth: depth + 1, len }),
+            Some(_) => {
+                return Ok(ChainStatus {
+                    alloc,
+                    depth: depth + 1,
+                    len,
+                })
+            }
             None => return Ok(ChainStatus { alloc, depth, len }),
         }
     }

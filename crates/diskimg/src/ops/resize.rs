@@ -14,7 +14,10 @@ pub fn resize(path: &Path, format: Option<Format>, size: u64, shrink: bool) -> R
     };
     match format {
         Format::Raw => {
-            let f = std::fs::OpenOptions::new().write(true).open(path).map_err(io(path))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
             let old = f.metadata().map_err(io(path))?.len();
             if size < old && !shrink {
                 return Err(shrink_refused());
@@ -28,7 +31,10 @@ pub fn resize(path: &Path, format: Option<Format>, size: u64, shrink: bool) -> R
             }
             q.resize(size)
         }
-        Format::Vmdk => Err(Error::Unsupported { path: path.into(), what: "resizing VMDK images".into() }),
+        Format::Vmdk => Err(Error::Unsupported {
+            path: path.into(),
+            what: "resizing VMDK images".into(),
+        }),
     }
 }
 

@@ -52,7 +52,9 @@ impl Scan {
         }
         if offset >= self.file_len {
             self.result.corruptions += 1;
-            self.result.messages.push(format!("ERROR {what} at offset 0x{offset:x} lies beyond the end of the file"));
+            self.result.messages.push(format!(
+                "ERROR {what} at offset 0x{offset:x} lies beyond the end of the file"
+            ));
             return;
         }
         let last = (offset + len - 1).min(self.file_len - 1) / cs;
@@ -90,7 +92,10 @@ fn scan(q: &Qcow2, st: &mut State) -> Result<Scan> {
     let cs = q.cluster_size();
     let file_len = q.disk().len()?;
     let mut s = Scan {
-        result: CheckResult { total_clusters: st.header.size.div_ceil(cs), ..Default::default() },
+        result: CheckResult {
+            total_clusters: st.header.size.div_ceil(cs),
+            ..Default::default()
+        },
         counted: Vec::new(),
         file_len,
         owners: Vec::new(),
@@ -98,14 +103,23 @@ fn scan(q: &Qcow2, st: &mut State) -> Result<Scan> {
         copied_wrong: Vec::new(),
     };
     s.count(cs, 0, cs, "header");
-    s.count(cs, st.header.l1_table_offset, st.l1.len() as u64 * 8, "L1 table");
+    s.count(
+        cs,
+        st.header.l1_table_offset,
+        st.l1.len() as u64 * 8,
+        "L1 table",
+    );
     let l1 = st.l1.clone();
     walk_l1(q, st, &mut s, &l1, true)?;
     walk_snapshots(q, st, &mut s)?;
     count_refcount_structure(q, st, &mut s)?;
     compare(q, st, &mut s)?;
     check_copied(q, st, &mut s)?;
-    let highest = s.counted.iter().rposition(|&n| n > 0).map_or(0, |c| c as u64 + 1);
+    let highest = s
+        .counted
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(0, |c| c as u64 + 1);
     s.result.image_end_offset = highest * cs;
     Ok(s)
 }
@@ -135,8 +149,10 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
                 let (off, len) = q.compressed_range(entry);
                 s.count(cs, off, len, "compressed cluster");
                 if active {
+                    // QEMU counts compressed clusters as fragmented too.
                     s.result.allocated_clusters += 1;
                     s.result.compressed_clusters += 1;
+                    s.result.fragmented_clusters += 1;
                     if entry & COPIED != 0 {
                         s.result.corruptions += 1;
                         s.result.messages.push(format!("ERROR: coffset=0x{off:x}: copied flag must never be set for compressed clusters"));
@@ -146,7 +162,9 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
             }
             if q.ext_l2 && (bitmap & (bitmap >> 32) & 0xffff_ffff) != 0 {
                 s.result.corruptions += 1;
-                s.result.messages.push(format!("ERROR: L2 table 0x{l2:x} entry {i}: subcluster both allocated and zero"));
+                s.result.messages.push(format!(
+                    "ERROR: L2 table 0x{l2:x} entry {i}: subcluster both allocated and zero"
+                ));
             }
             let host = entry & OFFSET_MASK;
             if host == 0 {
@@ -164,7 +182,13 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
                     s.result.fragmented_clusters += 1;
                 }
                 last_host = host;
-                s.owners.push((Owner::L2 { table: l2, word: i * words }, entry));
+                s.owners.push((
+                    Owner::L2 {
+                        table: l2,
+                        word: i * words,
+                    },
+                    entry,
+                ));
             }
         }
     }
@@ -186,7 +210,8 @@ fn walk_snapshots(q: &Qcow2, st: &State, s: &mut Scan) -> Result<()> {
             continue;
         }
         let mut raw = vec![0u8; bytes as usize];
-        q.disk().read_meta(&mut raw, snap.l1_table_offset, "snapshot L1 table")?;
+        q.disk()
+            .read_meta(&mut raw, snap.l1_table_offset, "snapshot L1 table")?;
         let l1: Vec<u64> = raw.chunks(8).map(|c| crate::disk::be64_at(c, 0)).collect();
         walk_l1(q, st, s, &l1, false)?;
     }
@@ -195,7 +220,12 @@ fn walk_snapshots(q: &Qcow2, st: &State, s: &mut Scan) -> Result<()> {
 
 fn count_refcount_structure(q: &Qcow2, st: &State, s: &mut Scan) -> Result<()> {
     let cs = q.cluster_size();
-    s.count(cs, st.refs.table_offset, st.refs.table_clusters() * cs, "refcount table");
+    s.count(
+        cs,
+        st.refs.table_offset,
+        st.refs.table_clusters() * cs,
+        "refcount table",
+    );
     for (i, &e) in st.refs.table.iter().enumerate() {
         let off = e & 0xffff_ffff_ffff_fe00;
         if off == 0 {
@@ -212,7 +242,10 @@ fn count_refcount_structure(q: &Qcow2, st: &State, s: &mut Scan) -> Result<()> {
 }
 
 fn compare(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
-    let nb = s.file_len.div_ceil(q.cluster_size()).max(s.counted.len() as u64);
+    let nb = s
+        .file_len
+        .div_ceil(q.cluster_size())
+        .max(s.counted.len() as u64);
     for c in 0..nb {
         let stored = st.refs.get(q.disk(), c).unwrap_or(0);
         let counted = s.counted.get(c as usize).copied().unwrap_or(0);
@@ -221,10 +254,14 @@ fn compare(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
         }
         if stored > counted {
             s.result.leaks += 1;
-            s.result.messages.push(format!("Leaked cluster {c} refcount={stored} reference={counted}"));
+            s.result.messages.push(format!(
+                "Leaked cluster {c} refcount={stored} reference={counted}"
+            ));
         } else {
             s.result.corruptions += 1;
-            s.result.messages.push(format!("ERROR cluster {c} refcount={stored} reference={counted}"));
+            s.result.messages.push(format!(
+                "ERROR cluster {c} refcount={stored} reference={counted}"
+            ));
         }
         s.mismatches.push((c, stored, counted));
     }
@@ -234,7 +271,10 @@ fn compare(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
 fn check_copied(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
     let cs = q.cluster_size();
     for &(owner, entry) in &s.owners {
-        let refcount = st.refs.get(q.disk(), (entry & OFFSET_MASK) / cs).unwrap_or(0);
+        let refcount = st
+            .refs
+            .get(q.disk(), (entry & OFFSET_MASK) / cs)
+            .unwrap_or(0);
         if (refcount == 1) == (entry & COPIED != 0) {
             continue;
         }
@@ -254,7 +294,8 @@ fn fix(q: &Qcow2, st: &mut State, s: &Scan, mode: Repair) -> Result<(u64, u64, V
     let cs = q.cluster_size();
     let disk = q.disk();
     // New refcount blocks must not land on clusters whose stored count is wrong.
-    st.refs.set_floor(s.file_len.div_ceil(cs).max(s.counted.len() as u64));
+    st.refs
+        .set_floor(s.file_len.div_ceil(cs).max(s.counted.len() as u64));
     let (mut leaks, mut corruptions) = (0, 0);
     let mut messages = Vec::new();
     for &(c, stored, counted) in &s.mismatches {
@@ -262,7 +303,9 @@ fn fix(q: &Qcow2, st: &mut State, s: &Scan, mode: Repair) -> Result<(u64, u64, V
         if !leak && mode != Repair::All {
             continue;
         }
-        messages.push(format!("Repairing cluster {c} refcount={stored} reference={counted}"));
+        messages.push(format!(
+            "Repairing cluster {c} refcount={stored} reference={counted}"
+        ));
         st.refs.set(disk, c, counted)?;
         if leak {
             leaks += 1;
@@ -273,15 +316,27 @@ fn fix(q: &Qcow2, st: &mut State, s: &Scan, mode: Repair) -> Result<(u64, u64, V
     if mode == Repair::All {
         for &(owner, entry) in &s.copied_wrong {
             let refcount = st.refs.get(disk, (entry & OFFSET_MASK) / cs)?;
-            let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+            let fixed = if refcount == 1 {
+                entry | COPIED
+            } else {
+                entry & !COPIED
+            };
             match owner {
                 Owner::L1 { index } => {
                     st.l1[index] = fixed;
-                    disk.write(&fixed.to_be_bytes(), st.header.l1_table_offset + index as u64 * 8)?;
+                    disk.write(
+                        &fixed.to_be_bytes(),
+                        st.header.l1_table_offset + index as u64 * 8,
+                    )?;
                 }
                 Owner::L2 { table, word } => {
                     q.with_l2(st, table, |_| ())?;
-                    if let Some(t) = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&table) {
+                    if let Some(t) = st
+                        .l2_cache
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&table)
+                    {
                         t[word] = fixed;
                     }
                     disk.write(&fixed.to_be_bytes(), table + word as u64 * 8)?;

@@ -3,7 +3,9 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 
-use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
+use super::header::{
+    Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+};
 use super::refcount::Refcounts;
 use super::Qcow2;
 use crate::disk::Disk;
@@ -26,7 +28,9 @@ impl std::str::FromStr for Preallocation {
             "metadata" => Ok(Preallocation::Metadata),
             "falloc" => Ok(Preallocation::Falloc),
             "full" => Ok(Preallocation::Full),
-            _ => Err(Error::Usage(format!("invalid preallocation mode '{s}' (off, metadata, falloc, full)"))),
+            _ => Err(Error::Usage(format!(
+                "invalid preallocation mode '{s}' (off, metadata, falloc, full)"
+            ))),
         }
     }
 }
@@ -87,7 +91,9 @@ impl CreateOptions {
             }
         }
         if self.extended_l2 && self.cluster_size < 16384 {
-            return fail("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+            return fail(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return fail("Backing format cannot be used without backing file");
@@ -116,7 +122,11 @@ impl CreateOptions {
             nb_snapshots: 0,
             snapshots_offset: 0,
             incompatible,
-            compatible: if self.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
+            compatible: if self.lazy_refcounts {
+                COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
             autoclear: 0,
             refcount_order: self.refcount_bits.trailing_zeros(),
             header_length: super::header::V3_HEADER_LEN,
@@ -132,7 +142,13 @@ impl CreateOptions {
 /// refcount table cluster, one refcount block, then the L1 table.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io(path))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io(path))?;
     let disk = Disk::new(file, path);
     let cs = opts.cluster_size;
     let mut header = opts.header();
@@ -162,7 +178,9 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 }
 
 fn write_header(disk: &Disk, header: &Header) -> Result<()> {
-    let raw = header.encode().map_err(|m| Error::Usage(format!("{}: {m}", disk.path.display())))?;
+    let raw = header
+        .encode()
+        .map_err(|m| Error::Usage(format!("{}: {m}", disk.path.display())))?;
     disk.write(&raw, 0)
 }
 

@@ -116,18 +116,30 @@ impl Header {
     /// as much of the file as there is, when it is shorter).
     pub fn parse(path: &Path, buf: &[u8], file_len: u64) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
-            return Err(invalid(path, "header", format!("file is {} bytes, shorter than a qcow2 header", buf.len())));
+            return Err(invalid(
+                path,
+                "header",
+                format!("file is {} bytes, shorter than a qcow2 header", buf.len()),
+            ));
         }
         if be32(buf, 0) != MAGIC {
             return Err(invalid(path, "magic", "not a qcow2 image"));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
-            return Err(invalid(path, "version", format!("{version} (only 2 and 3 exist)")));
+            return Err(invalid(
+                path,
+                "version",
+                format!("{version} (only 2 and 3 exist)"),
+            ));
         }
         let cluster_bits = be32(buf, 20);
         if !(9..=21).contains(&cluster_bits) {
-            return Err(invalid(path, "cluster_bits", format!("{cluster_bits} (must be 9 to 21)")));
+            return Err(invalid(
+                path,
+                "cluster_bits",
+                format!("{cluster_bits} (must be 9 to 21)"),
+            ));
         }
         let mut h = Header {
             version,
@@ -152,7 +164,10 @@ impl Header {
             features: Vec::new(),
         };
         if be32(buf, 32) != 0 {
-            return Err(Error::Unsupported { path: path.into(), what: "encrypted qcow2 images (crypt_method is not 0)".into() });
+            return Err(Error::Unsupported {
+                path: path.into(),
+                what: "encrypted qcow2 images (crypt_method is not 0)".into(),
+            });
         }
         if version == 3 {
             h.parse_v3(path, buf)?;
@@ -166,7 +181,11 @@ impl Header {
 
     fn parse_v3(&mut self, path: &Path, buf: &[u8]) -> Result<()> {
         if buf.len() < 104 {
-            return Err(invalid(path, "header_length", "file too short for a version 3 header"));
+            return Err(invalid(
+                path,
+                "header_length",
+                "file too short for a version 3 header",
+            ));
         }
         self.incompatible = be64(buf, 72);
         self.compatible = be64(buf, 80);
@@ -174,21 +193,39 @@ impl Header {
         self.refcount_order = be32(buf, 96);
         self.header_length = be32(buf, 100);
         if self.refcount_order > 6 {
-            return Err(invalid(path, "refcount_order", format!("{} (must be 0 to 6)", self.refcount_order)));
+            return Err(invalid(
+                path,
+                "refcount_order",
+                format!("{} (must be 0 to 6)", self.refcount_order),
+            ));
         }
         let hl = self.header_length;
         if hl < 104 || u64::from(hl) > self.cluster_size() || hl as usize > buf.len() {
-            return Err(invalid(path, "header_length", format!("{hl} (must be 104 up to the cluster size)")));
+            return Err(invalid(
+                path,
+                "header_length",
+                format!("{hl} (must be 104 up to the cluster size)"),
+            ));
         }
         let ctype = if hl > 104 { buf[104] } else { 0 };
         self.compression = match ctype {
             0 => Compression::Zlib,
             1 => Compression::Zstd,
-            n => return Err(invalid(path, "compression_type", format!("{n} (known: 0 zlib, 1 zstd)"))),
+            n => {
+                return Err(invalid(
+                    path,
+                    "compression_type",
+                    format!("{n} (known: 0 zlib, 1 zstd)"),
+                ))
+            }
         };
         let flagged = self.incompatible & INCOMPAT_COMPRESSION != 0;
         if flagged != (ctype != 0) {
-            return Err(invalid(path, "compression_type", "does not match incompatible feature bit 3"));
+            return Err(invalid(
+                path,
+                "compression_type",
+                "does not match incompatible feature bit 3",
+            ));
         }
         Ok(())
     }
@@ -209,14 +246,30 @@ impl Header {
                 return Ok(());
             }
             if at + len > end {
-                return Err(invalid(path, "header extension", format!("0x{kind:08x} at byte {} runs past the header area", at - 8)));
+                return Err(invalid(
+                    path,
+                    "header extension",
+                    format!("0x{kind:08x} at byte {} runs past the header area", at - 8),
+                ));
             }
             let data = &buf[at..at + len];
             match kind {
-                EXT_BACKING_FORMAT => self.backing_format = Some(String::from_utf8_lossy(data).into_owned()),
+                EXT_BACKING_FORMAT => {
+                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned())
+                }
                 EXT_FEATURE_TABLE => self.features = parse_feature_table(data),
-                EXT_DATA_FILE => return Err(Error::Unsupported { path: path.into(), what: "external data files".into() }),
-                EXT_CRYPTO => return Err(Error::Unsupported { path: path.into(), what: "encryption".into() }),
+                EXT_DATA_FILE => {
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        what: "external data files".into(),
+                    })
+                }
+                EXT_CRYPTO => {
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        what: "encryption".into(),
+                    })
+                }
                 _ => {}
             }
             at += len.div_ceil(8) * 8;
@@ -236,13 +289,24 @@ impl Header {
                         .map_or(format!("bit {b}"), |f| format!("bit {b} ({})", f.name))
                 })
                 .collect();
-            return Err(invalid(path, "incompatible_features", format!("unknown feature {}", names.join(", "))));
+            return Err(invalid(
+                path,
+                "incompatible_features",
+                format!("unknown feature {}", names.join(", ")),
+            ));
         }
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
-            return Err(Error::Unsupported { path: path.into(), what: "external data files".into() });
+            return Err(Error::Unsupported {
+                path: path.into(),
+                what: "external data files".into(),
+            });
         }
         if self.extended_l2() && self.cluster_bits < 14 {
-            return Err(invalid(path, "cluster_bits", "extended L2 entries need clusters of at least 16 KiB"));
+            return Err(invalid(
+                path,
+                "cluster_bits",
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
         }
         Ok(())
     }
@@ -251,14 +315,24 @@ impl Header {
         let cs = self.cluster_size();
         let aligned = |field: &str, off: u64| -> Result<()> {
             if off % cs != 0 {
-                return Err(invalid(path, field, format!("0x{off:x} is not aligned to the {cs}-byte cluster size")));
+                return Err(invalid(
+                    path,
+                    field,
+                    format!("0x{off:x} is not aligned to the {cs}-byte cluster size"),
+                ));
             }
             Ok(())
         };
         let within = |field: &str, off: u64, len: u64| -> Result<()> {
             match off.checked_add(len) {
                 Some(end) if end <= file_len => Ok(()),
-                _ => Err(invalid(path, field, format!("0x{off:x} + {len} bytes lies beyond the end of the {file_len}-byte file"))),
+                _ => Err(invalid(
+                    path,
+                    field,
+                    format!(
+                        "0x{off:x} + {len} bytes lies beyond the end of the {file_len}-byte file"
+                    ),
+                )),
             }
         };
         if self.size > (1u64 << 61) {
@@ -266,14 +340,29 @@ impl Header {
         }
         let needed = self.l1_entries_for(self.size);
         if u64::from(self.l1_size) < needed {
-            return Err(invalid(path, "l1_size", format!("{} entries cannot map {} bytes (need {needed})", self.l1_size, self.size)));
+            return Err(invalid(
+                path,
+                "l1_size",
+                format!(
+                    "{} entries cannot map {} bytes (need {needed})",
+                    self.l1_size, self.size
+                ),
+            ));
         }
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(invalid(path, "l1_size", format!("{} entries is larger than qemu allows", self.l1_size)));
+            return Err(invalid(
+                path,
+                "l1_size",
+                format!("{} entries is larger than qemu allows", self.l1_size),
+            ));
         }
         aligned("l1_table_offset", self.l1_table_offset)?;
         if self.l1_size > 0 {
-            within("l1_table_offset", self.l1_table_offset, u64::from(self.l1_size) * 8)?;
+            within(
+                "l1_table_offset",
+                self.l1_table_offset,
+                u64::from(self.l1_size) * 8,
+            )?;
         }
         aligned("refcount_table_offset", self.refcount_table_offset)?;
         if self.refcount_table_clusters == 0 {
@@ -281,11 +370,26 @@ impl Header {
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES.max(cs) {
-            return Err(invalid(path, "refcount_table_clusters", format!("{} is larger than qemu allows", self.refcount_table_clusters)));
+            return Err(invalid(
+                path,
+                "refcount_table_clusters",
+                format!(
+                    "{} is larger than qemu allows",
+                    self.refcount_table_clusters
+                ),
+            ));
         }
-        within("refcount_table_offset", self.refcount_table_offset, rt_bytes)?;
+        within(
+            "refcount_table_offset",
+            self.refcount_table_offset,
+            rt_bytes,
+        )?;
         if self.nb_snapshots > 65536 {
-            return Err(invalid(path, "nb_snapshots", format!("{} (at most 65536)", self.nb_snapshots)));
+            return Err(invalid(
+                path,
+                "nb_snapshots",
+                format!("{} (at most 65536)", self.nb_snapshots),
+            ));
         }
         if self.nb_snapshots > 0 {
             aligned("snapshots_offset", self.snapshots_offset)?;
@@ -300,15 +404,26 @@ impl Header {
         }
         let len = self.backing_file_size;
         if len > MAX_BACKING_NAME {
-            return Err(invalid(path, "backing_file_size", format!("{len} (at most {MAX_BACKING_NAME})")));
+            return Err(invalid(
+                path,
+                "backing_file_size",
+                format!("{len} (at most {MAX_BACKING_NAME})"),
+            ));
         }
         let start = self.backing_file_offset;
         let end = start + u64::from(len);
         if end > buf.len() as u64 || end > self.cluster_size() {
-            return Err(invalid(path, "backing_file_offset", format!("0x{start:x} + {len} lies outside the first cluster")));
+            return Err(invalid(
+                path,
+                "backing_file_offset",
+                format!("0x{start:x} + {len} lies outside the first cluster"),
+            ));
         }
         let name = &buf[start as usize..end as usize];
-        self.backing_file = Some(String::from_utf8(name.to_vec()).map_err(|_| invalid(path, "backing_file", "not UTF-8"))?);
+        self.backing_file = Some(
+            String::from_utf8(name.to_vec())
+                .map_err(|_| invalid(path, "backing_file", "not UTF-8"))?,
+        );
         Ok(())
     }
 
@@ -349,7 +464,9 @@ impl Header {
         push_ext(&mut b, EXT_END, &[]);
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME as usize {
-                return Err(format!("backing file name is longer than {MAX_BACKING_NAME} bytes"));
+                return Err(format!(
+                    "backing file name is longer than {MAX_BACKING_NAME} bytes"
+                ));
             }
             let off = b.len() as u64;
             b[8..16].copy_from_slice(&off.to_be_bytes());
@@ -357,7 +474,10 @@ impl Header {
             b.extend_from_slice(name.as_bytes());
         }
         if b.len() as u64 > self.cluster_size() {
-            return Err(format!("header and backing file name ({} bytes) do not fit in one cluster", b.len()));
+            return Err(format!(
+                "header and backing file name ({} bytes) do not fit in one cluster",
+                b.len()
+            ));
         }
         Ok(b)
     }
@@ -375,7 +495,9 @@ fn parse_feature_table(data: &[u8]) -> Vec<FeatureName> {
         .map(|e| FeatureName {
             kind: e[0],
             bit: e[1],
-            name: String::from_utf8_lossy(&e[2..]).trim_end_matches('\0').to_string(),
+            name: String::from_utf8_lossy(&e[2..])
+                .trim_end_matches('\0')
+                .to_string(),
         })
         .collect()
 }

@@ -83,18 +83,27 @@ impl Qcow2 {
     /// Opens a qcow2 image; its backing chain is opened read-only through
     /// `chain`. Opening for writing repairs a dirty image's refcounts.
     pub(crate) fn open(path: &Path, read_only: bool, chain: &mut Chain) -> Result<Qcow2> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(io(path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(io(path))?;
         let disk = Disk::new(file, path);
         let file_len = disk.len()?;
         let mut first = vec![0u8; file_len.min(2 << 20) as usize];
         disk.read_meta(&mut first, 0, "header")?;
         let header = Header::parse(path, &first, file_len)?;
         if !read_only && header.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(corrupt(path, "the corrupt bit is set; the image can only be opened read-only"));
+            return Err(corrupt(
+                path,
+                "the corrupt bit is set; the image can only be opened read-only",
+            ));
         }
         let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
         disk.read_meta(&mut raw_l1, header.l1_table_offset, "L1 table")?;
-        let l1 = (0..header.l1_size as usize).map(|i| be64_at(&raw_l1, i * 8)).collect();
+        let l1 = (0..header.l1_size as usize)
+            .map(|i| be64_at(&raw_l1, i * 8))
+            .collect();
         let refs = Refcounts::load(
             &disk,
             header.refcount_order,
@@ -177,18 +186,29 @@ impl Qcow2 {
     }
 
     /// Reads an L2 table through the cache and passes it to `f`.
-    pub(crate) fn with_l2<T>(&self, st: &State, offset: u64, f: impl FnOnce(&[u64]) -> T) -> Result<T> {
+    pub(crate) fn with_l2<T>(
+        &self,
+        st: &State,
+        offset: u64,
+        f: impl FnOnce(&[u64]) -> T,
+    ) -> Result<T> {
         let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
         if !cache.contains_key(&offset) {
             if offset % self.cluster_size() != 0 {
-                return Err(corrupt(&self.disk.path, format!("L2 table offset 0x{offset:x} is not cluster aligned")));
+                return Err(corrupt(
+                    &self.disk.path,
+                    format!("L2 table offset 0x{offset:x} is not cluster aligned"),
+                ));
             }
             let mut raw = vec![0u8; self.cluster_size() as usize];
             self.disk.read_meta(&mut raw, offset, "L2 table")?;
             if cache.len() >= L2_CACHE_TABLES {
                 cache.clear();
             }
-            cache.insert(offset, (0..raw.len() / 8).map(|i| be64_at(&raw, i * 8)).collect());
+            cache.insert(
+                offset,
+                (0..raw.len() / 8).map(|i| be64_at(&raw, i * 8)).collect(),
+            );
         }
         Ok(f(&cache[&offset]))
     }
@@ -196,10 +216,17 @@ impl Qcow2 {
     fn slot(&self, st: &State, guest: u64) -> Result<Slot> {
         let l1_index = (guest / self.l2_coverage()) as usize;
         let l1e = *st.l1.get(l1_index).ok_or_else(|| {
-            corrupt(&self.disk.path, format!("guest offset {guest} is beyond the L1 table ({} entries)", st.l1.len()))
+            corrupt(
+                &self.disk.path,
+                format!(
+                    "guest offset {guest} is beyond the L1 table ({} entries)",
+                    st.l1.len()
+                ),
+            )
         })?;
         let l2_offset = l1e & OFFSET_MASK;
-        let index = ((guest >> self.cluster_bits) % (self.cluster_size() / self.l2_entry_size())) as usize;
+        let index =
+            ((guest >> self.cluster_bits) % (self.cluster_size() / self.l2_entry_size())) as usize;
         let mut slot = Slot {
             l1_copied: l1e & COPIED != 0,
             l2_offset,
@@ -210,7 +237,10 @@ impl Qcow2 {
         if l2_offset != 0 {
             let words = if self.ext_l2 { 2 } else { 1 };
             (slot.entry, slot.bitmap) = self.with_l2(st, l2_offset, |t| {
-                (t[index * words], if self.ext_l2 { t[index * words + 1] } else { 0 })
+                (
+                    t[index * words],
+                    if self.ext_l2 { t[index * words + 1] } else { 0 },
+                )
             })?;
         }
         Ok(slot)
@@ -252,10 +282,22 @@ impl Qcow2 {
         let n = max.min((end << sc_bits) - in_cl);
         let map = match kind {
             (1, 0) if host != 0 => Map::Data(host + in_cl),
-            (1, 0) => return Err(corrupt(&self.disk.path, format!("L2 entry for guest offset {guest}: subcluster allocated without a host offset"))),
+            (1, 0) => return Err(corrupt(
+                &self.disk.path,
+                format!(
+                    "L2 entry for guest offset {guest}: subcluster allocated without a host offset"
+                ),
+            )),
             (0, 1) => Map::Zero,
             (0, 0) => Map::Unallocated,
-            _ => return Err(corrupt(&self.disk.path, format!("L2 bitmap for guest offset {guest}: subcluster both allocated and zero"))),
+            _ => {
+                return Err(corrupt(
+                    &self.disk.path,
+                    format!(
+                        "L2 bitmap for guest offset {guest}: subcluster both allocated and zero"
+                    ),
+                ))
+            }
         };
         Ok((map, n))
     }
@@ -272,8 +314,12 @@ impl Qcow2 {
         let mut raw = vec![0u8; len as usize];
         self.disk.read_data(&mut raw, offset)?;
         let mut out = vec![0u8; self.cluster_size() as usize];
-        compress::decompress(self.compression, &raw, &mut out)
-            .map_err(|e| corrupt(&self.disk.path, format!("compressed cluster at 0x{offset:x}: {e}")))?;
+        compress::decompress(self.compression, &raw, &mut out).map_err(|e| {
+            corrupt(
+                &self.disk.path,
+                format!("compressed cluster at 0x{offset:x}: {e}"),
+            )
+        })?;
         Ok(out)
     }
 
@@ -314,21 +360,33 @@ impl Qcow2 {
     fn check_range(&self, st: &State, offset: u64, len: u64) -> Result<()> {
         let size = st.header.size;
         if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Error::OutOfRange { path: self.disk.path.clone(), offset, len, size });
+            return Err(Error::OutOfRange {
+                path: self.disk.path.clone(),
+                offset,
+                len,
+                size,
+            });
         }
         Ok(())
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { path: self.disk.path.clone() });
+            return Err(Error::ReadOnly {
+                path: self.disk.path.clone(),
+            });
         }
         Ok(())
     }
 
     fn in_place(&self, slot: &Slot, in_cl: u64, n: u64) -> bool {
         let e = slot.entry;
-        if slot.l2_offset == 0 || !slot.l1_copied || e & COPIED == 0 || e & COMPRESSED != 0 || e & OFFSET_MASK == 0 {
+        if slot.l2_offset == 0
+            || !slot.l1_copied
+            || e & COPIED == 0
+            || e & COMPRESSED != 0
+            || e & OFFSET_MASK == 0
+        {
             return false;
         }
         if !self.ext_l2 {
@@ -373,13 +431,23 @@ impl Qcow2 {
         let old = l1e & OFFSET_MASK;
         if old == 0 || l1e & COPIED == 0 {
             let cs = self.cluster_size();
-            let table = if old == 0 { vec![0u64; (cs / 8) as usize] } else { self.with_l2(st, old, |t| t.to_vec())? };
+            let table = if old == 0 {
+                vec![0u64; (cs / 8) as usize]
+            } else {
+                self.with_l2(st, old, |t| t.to_vec())?
+            };
             let new = st.refs.alloc(&self.disk, 1)? * cs;
             let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.disk.write(&raw, new)?;
-            st.l2_cache.lock().unwrap_or_else(|e| e.into_inner()).insert(new, table);
+            st.l2_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(new, table);
             st.l1[l1_index] = new | COPIED;
-            self.disk.write(&(new | COPIED).to_be_bytes(), st.header.l1_table_offset + l1_index as u64 * 8)?;
+            self.disk.write(
+                &(new | COPIED).to_be_bytes(),
+                st.header.l1_table_offset + l1_index as u64 * 8,
+            )?;
             if old != 0 {
                 st.refs.adjust(&self.disk, old / cs, -1)?;
             }
@@ -391,14 +459,19 @@ impl Qcow2 {
         let words = if self.ext_l2 { 2 } else { 1 };
         self.with_l2(st, slot.l2_offset, |_| ())?;
         let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let table = cache.get_mut(&slot.l2_offset).expect("L2 table loaded above");
+        let table = cache
+            .get_mut(&slot.l2_offset)
+            .expect("L2 table loaded above");
         table[slot.index * words] = entry;
         let mut raw = entry.to_be_bytes().to_vec();
         if self.ext_l2 {
             table[slot.index * words + 1] = bitmap;
             raw.extend_from_slice(&bitmap.to_be_bytes());
         }
-        self.disk.write(&raw, slot.l2_offset + slot.index as u64 * self.l2_entry_size())
+        self.disk.write(
+            &raw,
+            slot.l2_offset + slot.index as u64 * self.l2_entry_size(),
+        )
     }
 
     /// Drops this image's reference to what an old L2 entry pointed at.
@@ -434,7 +507,11 @@ impl Qcow2 {
         cluster[in_cl as usize..in_cl as usize + data.len()].copy_from_slice(data);
         let e = slot.entry;
         let owned = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
-        let host = if owned { e & OFFSET_MASK } else { st.refs.alloc(&self.disk, 1)? * cs };
+        let host = if owned {
+            e & OFFSET_MASK
+        } else {
+            st.refs.alloc(&self.disk, 1)? * cs
+        };
         self.disk.write(&cluster, host)?;
         let bitmap = if self.ext_l2 { ALL_ALLOCATED } else { 0 };
         self.set_slot(st, &slot, host | COPIED, bitmap)?;
@@ -458,7 +535,13 @@ impl Qcow2 {
 
     /// Calls `f` with each cluster-sized piece of a range: (guest offset,
     /// length, whether the piece is a whole cluster of the image).
-    fn for_clusters(&self, st: &mut State, offset: u64, len: u64, mut f: impl FnMut(&Self, &mut State, u64, u64, bool) -> Result<()>) -> Result<()> {
+    fn for_clusters(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&Self, &mut State, u64, u64, bool) -> Result<()>,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let end = offset + len;
         let mut g = offset;
@@ -502,7 +585,9 @@ impl Qcow2 {
         let slot = self.slot_for_write(&mut st, guest)?;
         let len = data.len() as u64;
         let end = st.compressed_end;
-        let shared = end % cs != 0 && end % cs + len <= cs && st.refs.get(&self.disk, end / cs)? < st.refs.max();
+        let shared = end % cs != 0
+            && end % cs + len <= cs
+            && st.refs.get(&self.disk, end / cs)? < st.refs.max();
         let offset = if shared {
             st.refs.adjust(&self.disk, end / cs, 1)?;
             end
@@ -560,7 +645,10 @@ impl Qcow2 {
         let old = st.header.size;
         if size < old {
             if st.header.nb_snapshots > 0 {
-                return Err(Error::Unsupported { path: self.disk.path.clone(), what: "shrinking an image that has internal snapshots".into() });
+                return Err(Error::Unsupported {
+                    path: self.disk.path.clone(),
+                    what: "shrinking an image that has internal snapshots".into(),
+                });
             }
             let mut g = size.div_ceil(cs) * cs;
             while g < old {
@@ -672,8 +760,14 @@ impl BlockDevice for Qcow2 {
         let kind = |m: Map| match m {
             Map::Unallocated => Allocation::Unallocated,
             Map::Zero => Allocation::Zero,
-            Map::Data(h) => Allocation::Data { host: Some(h), compressed: false },
-            Map::Compressed(_) => Allocation::Data { host: None, compressed: true },
+            Map::Data(h) => Allocation::Data {
+                host: Some(h),
+                compressed: false,
+            },
+            Map::Compressed(_) => Allocation::Data {
+                host: None,
+                compressed: true,
+            },
         };
         // Extend over following clusters of the same kind (contiguous data).
         while n < len {
@@ -699,7 +793,11 @@ impl BlockDevice for Qcow2 {
 /// Checks that a create or resize size fits the format.
 pub fn validate_size(path: &Path, size: u64) -> Result<()> {
     if size > (1u64 << 61) {
-        return Err(invalid(path, "size", format!("{size} bytes is too large for qcow2")));
+        return Err(invalid(
+            path,
+            "size",
+            format!("{size} bytes is too large for qcow2"),
+        ));
     }
     Ok(())
 }

@@ -29,7 +29,9 @@ pub fn get_entry(block: &[u8], order: u32, i: u64) -> u64 {
     } else {
         let n = (bits / 8) as usize;
         let at = i as usize * n;
-        block[at..at + n].iter().fold(0, |acc, &b| (acc << 8) | u64::from(b))
+        block[at..at + n]
+            .iter()
+            .fold(0, |acc, &b| (acc << 8) | u64::from(b))
     }
 }
 
@@ -52,7 +54,13 @@ fn set_entry(block: &mut [u8], order: u32, i: u64, value: u64) -> std::ops::Rang
 }
 
 impl Refcounts {
-    pub fn load(disk: &Disk, order: u32, cluster_bits: u32, offset: u64, clusters: u32) -> Result<Refcounts> {
+    pub fn load(
+        disk: &Disk,
+        order: u32,
+        cluster_bits: u32,
+        offset: u64,
+        clusters: u32,
+    ) -> Result<Refcounts> {
         let mut raw = vec![0u8; (u64::from(clusters) << cluster_bits) as usize];
         disk.read_meta(&mut raw, offset, "refcount table")?;
         let table = (0..raw.len() / 8).map(|i| be64_at(&raw, i * 8)).collect();
@@ -94,7 +102,10 @@ impl Refcounts {
         };
         let off = entry & OFFSET_MASK;
         if off % self.cluster_size() != 0 {
-            return Err(corrupt(&disk.path, format!("refcount table entry {t}: block offset 0x{off:x} is not cluster aligned")));
+            return Err(corrupt(
+                &disk.path,
+                format!("refcount table entry {t}: block offset 0x{off:x} is not cluster aligned"),
+            ));
         }
         Ok(off)
     }
@@ -124,7 +135,13 @@ impl Refcounts {
     /// as needed. The new value is on disk when this returns.
     pub fn set(&mut self, disk: &Disk, cluster: u64, value: u64) -> Result<()> {
         if value > self.max() {
-            return Err(corrupt(&disk.path, format!("refcount of cluster {cluster} would exceed {} (refcount_bits too small)", self.max())));
+            return Err(corrupt(
+                &disk.path,
+                format!(
+                    "refcount of cluster {cluster} would exceed {} (refcount_bits too small)",
+                    self.max()
+                ),
+            ));
         }
         let per = self.per_block();
         let t = (cluster / per) as usize;
@@ -145,7 +162,10 @@ impl Refcounts {
     pub fn adjust(&mut self, disk: &Disk, cluster: u64, delta: i64) -> Result<()> {
         let old = self.get(disk, cluster)?;
         let new = old.checked_add_signed(delta).ok_or_else(|| {
-            corrupt(&disk.path, format!("refcount of cluster {cluster} is {old}, cannot add {delta}"))
+            corrupt(
+                &disk.path,
+                format!("refcount of cluster {cluster} is {old}, cannot add {delta}"),
+            )
         })?;
         self.set(disk, cluster, new)
     }

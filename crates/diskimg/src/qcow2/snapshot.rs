@@ -29,7 +29,12 @@ fn be16(b: &[u8], at: usize) -> usize {
 
 /// Reads `count` snapshot entries at `offset`; also returns the table's
 /// length in bytes.
-pub fn read_table(disk: &Disk, offset: u64, count: u32, cluster_size: u64) -> Result<(Vec<Snapshot>, u64)> {
+pub fn read_table(
+    disk: &Disk,
+    offset: u64,
+    count: u32,
+    cluster_size: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     let path: &Path = &disk.path;
     let mut snaps = Vec::with_capacity(count as usize);
     let mut at = offset;
@@ -43,7 +48,11 @@ pub fn read_table(disk: &Disk, offset: u64, count: u32, cluster_size: u64) -> Re
         disk.read_meta(&mut rest, at + 40, &format!("snapshot {i} names"))?;
         let l1_table_offset = be64_at(&fixed, 0);
         if l1_table_offset % cluster_size != 0 {
-            return Err(invalid(path, &format!("snapshot {i} l1_table_offset"), format!("0x{l1_table_offset:x} is not cluster aligned")));
+            return Err(invalid(
+                path,
+                &format!("snapshot {i} l1_table_offset"),
+                format!("0x{l1_table_offset:x} is not cluster aligned"),
+            ));
         }
         let extra = &rest[..extra_len];
         let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&rest[r]).into_owned();
@@ -55,7 +64,9 @@ pub fn read_table(disk: &Disk, offset: u64, count: u32, cluster_size: u64) -> Re
             date_sec: be32(&fixed, 16),
             date_nsec: be32(&fixed, 20),
             vm_clock_nsec: be64_at(&fixed, 24),
-            vm_state_size: extra.get(..8).map_or(u64::from(be32(&fixed, 32)), |_| be64_at(extra, 0)),
+            vm_state_size: extra
+                .get(..8)
+                .map_or(u64::from(be32(&fixed, 32)), |_| be64_at(extra, 0)),
             disk_size: extra.get(8..16).map(|_| be64_at(extra, 8)),
             icount: extra.get(16..24).map(|_| be64_at(extra, 16)),
         });

@@ -1,0 +1,717 @@
+//! `oxvirt img` against the real qemu-img, both ways: images qemu-img
+//! makes read back identical through oxvirt; images oxvirt makes pass
+//! `qemu-img check` and `qemu-img compare`. Exit codes match qemu-img's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const OX: &str = env!("CARGO_BIN_EXE_oxvirt");
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> TempDir {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "oxvirt-img-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIP: qemu-img is not installed (scripts/setup.sh installs qemu-utils)");
+    }
+    ok
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+fn ox(args: &[&str]) -> Output {
+    let mut full = vec!["img"];
+    full.extend_from_slice(args);
+    run(OX, &full)
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A deterministic raw image with scattered data extents and holes.
+fn make_source(path: &Path, size: usize) {
+    let mut data = vec![0u8; size];
+    let mut x: u32 = 12345;
+    let mut at = 0;
+    while at < size {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let len = (x as usize % 200_000).min(size - at);
+        if x % 3 != 0 {
+            for (i, b) in data[at..at + len].iter_mut().enumerate() {
+                // Half compressible text, half noise.
+                *b = if x % 2 == 0 {
+                    (i % 61) as u8 + 32
+                } else {
+                    (x.wrapping_mul(i as u32 + 7) >> 13) as u8
+                };
+            }
+        }
+        at += len + (x as usize % 300_000);
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(img));
+    ok(run("qemu-io", &args), "qemu-io");
+}
+
+/// qemu-img's reading of `img` (as raw) equals oxvirt's, byte for byte.
+fn assert_reads_same(dir: &Path, img: &Path) {
+    let theirs = dir.join("theirs.raw");
+    let ours = dir.join("ours.raw");
+    ok(
+        run("qemu-img", &["convert", "-O", "raw", s(img), s(&theirs)]),
+        "qemu-img convert",
+    );
+    ok(
+        ox(&["convert", "-O", "raw", s(img), s(&ours)]),
+        "oxvirt convert",
+    );
+    assert!(
+        std::fs::read(&theirs).unwrap() == std::fs::read(&ours).unwrap(),
+        "{}: contents differ",
+        img.display()
+    );
+    ok(ox(&["compare", s(img), s(&theirs)]), "oxvirt compare");
+}
+
+const QEMU_OPTIONS: &[&str] = &[
+    "compat=0.10",
+    "compat=1.1",
+    "cluster_size=512",
+    "cluster_size=4k",
+    "cluster_size=2M",
+    "refcount_bits=1",
+    "refcount_bits=8",
+    "refcount_bits=64",
+    "lazy_refcounts=on",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=128k",
+    "compression_type=zstd",
+    "preallocation=metadata",
+    "preallocation=falloc",
+    "preallocation=full",
+];
+
+#[test]
+fn heavy_qemu_made_images_read_identical() {
+    if !have_qemu() {
+        return;
+    }
+    for opts in QEMU_OPTIONS {
+        let dir = tempdir();
+        let img = dir.path().join("q.qcow2");
+        ok(
+            run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "8M"],
+            ),
+            opts,
+        );
+        qemu_io(
+            &img,
+            "qcow2",
+            &[
+                "write -P 0xab 0 100k",
+                "write -z 1M 64k",
+                "write -P 5 3000k 300k",
+                "discard 3M 64k",
+                "write -P 9 8000k 192k",
+            ],
+        );
+        assert_reads_same(dir.path(), &img);
+        let info = ok(ox(&["info", "--output=json", s(&img)]), "info");
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["virtual-size"], 8 << 20, "{opts}");
+    }
+}
+
+#[test]
+fn heavy_qemu_compressed_and_chains_read_identical() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    make_source(&src, 6 << 20);
+    for ctype in ["zlib", "zstd"] {
+        let img = d.join(format!("c-{ctype}.qcow2"));
+        ok(
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-c",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    &format!("compression_type={ctype}"),
+                    s(&src),
+                    s(&img),
+                ],
+            ),
+            "qemu convert -c",
+        );
+        assert_reads_same(d, &img);
+        ok(ox(&["compare", s(&img), s(&src)]), "compare compressed");
+    }
+    // A three-deep chain with relative names, written at every level.
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                s(&src),
+                s(&sub.join("base.qcow2")),
+            ],
+        ),
+        "base",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                s(&sub.join("mid.qcow2")),
+            ],
+        ),
+        "mid",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                s(&sub.join("top.qcow2")),
+            ],
+        ),
+        "top",
+    );
+    qemu_io(
+        &sub.join("mid.qcow2"),
+        "qcow2",
+        &["write -P 1 1M 70k", "write -z 2M 128k"],
+    );
+    qemu_io(
+        &sub.join("top.qcow2"),
+        "qcow2",
+        &["write -P 2 1040k 10k", "discard 4M 64k"],
+    );
+    assert_reads_same(d, &sub.join("top.qcow2"));
+    // Internal snapshots: the active state still reads the same.
+    let top = sub.join("top.qcow2");
+    ok(
+        run("qemu-img", &["snapshot", "-c", "s1", s(&top)]),
+        "snapshot",
+    );
+    qemu_io(&top, "qcow2", &["write -P 3 0 64k"]);
+    assert_reads_same(d, &top);
+    let info = ok(ox(&["info", "--output=json", s(&top)]), "info");
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["snapshots"][0]["name"], "s1");
+    assert_eq!(v["backing-filename"], "mid.qcow2");
+}
+
+const OX_OPTIONS: &[&str] = &[
+    "compat=0.10",
+    "compat=1.1",
+    "cluster_size=512",
+    "cluster_size=2M",
+    "refcount_bits=1",
+    "refcount_bits=2",
+    "refcount_bits=32",
+    "refcount_bits=64",
+    "lazy_refcounts=on",
+    "extended_l2=on",
+    "compression_type=zstd",
+];
+
+#[test]
+fn heavy_oxvirt_made_images_pass_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    make_source(&src, 5 << 20);
+    for opts in OX_OPTIONS {
+        let img = d.join("o.qcow2");
+        ok(
+            ox(&["convert", "-O", "qcow2", "-o", opts, s(&src), s(&img)]),
+            opts,
+        );
+        ok(
+            run("qemu-img", &["check", s(&img)]),
+            &format!("qemu-img check ({opts})"),
+        );
+        ok(
+            run("qemu-img", &["compare", s(&img), s(&src)]),
+            &format!("qemu-img compare ({opts})"),
+        );
+        for c in ["zlib", "zstd"] {
+            let o = format!("{opts},compression_type={c}");
+            if opts.contains("0.10") && c == "zstd" {
+                continue;
+            }
+            let img = d.join("oc.qcow2");
+            ok(
+                ox(&["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&img)]),
+                &o,
+            );
+            ok(
+                run("qemu-img", &["check", s(&img)]),
+                &format!("qemu-img check -c ({o})"),
+            );
+            ok(
+                run("qemu-img", &["compare", s(&img), s(&src)]),
+                &format!("qemu-img compare -c ({o})"),
+            );
+        }
+    }
+    for prealloc in ["off", "metadata", "falloc", "full"] {
+        let img = d.join("p.qcow2");
+        ok(
+            ox(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("preallocation={prealloc}"),
+                s(&img),
+                "3M",
+            ]),
+            prealloc,
+        );
+        ok(
+            run("qemu-img", &["check", s(&img)]),
+            &format!("qemu-img check prealloc={prealloc}"),
+        );
+        let info = ok(run("qemu-img", &["info", "--output=json", s(&img)]), "info");
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["virtual-size"], 3 << 20);
+    }
+}
+
+/// oxvirt writes into a chain qemu-img made; qemu-img agrees.
+#[test]
+fn heavy_oxvirt_writes_over_backing_chain() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    make_source(&src, 4 << 20);
+    ok(
+        run(
+            "qemu-img",
+            &["convert", "-O", "qcow2", s(&src), s(&d.join("base.qcow2"))],
+        ),
+        "base",
+    );
+    ok(
+        ox(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&d.join("top.qcow2")),
+        ]),
+        "create -b",
+    );
+    let top = d.join("top.qcow2");
+    // Convert -n writes the same source into the overlay (all COW paths).
+    let other = d.join("other.raw");
+    make_source(&other, 4 << 20);
+    let mut bytes = std::fs::read(&other).unwrap();
+    bytes.reverse();
+    std::fs::write(&other, &bytes).unwrap();
+    ok(
+        ox(&["convert", "-n", "-O", "qcow2", s(&other), s(&top)]),
+        "convert -n",
+    );
+    ok(
+        run("qemu-img", &["check", s(&top)]),
+        "qemu-img check overlay",
+    );
+    ok(
+        run("qemu-img", &["compare", s(&top), s(&other)]),
+        "qemu-img compare overlay",
+    );
+}
+
+#[test]
+fn info_json_matches_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compression_type=zstd,extended_l2=on,lazy_refcounts=on,refcount_bits=8",
+                s(&d.join("a.qcow2")),
+                "64M",
+            ],
+        ),
+        "a",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "a.qcow2",
+                "-F",
+                "qcow2",
+                s(&d.join("b.qcow2")),
+            ],
+        ),
+        "b",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                s(&d.join("v2.qcow2")),
+                "1M",
+            ],
+        ),
+        "v2",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &["snapshot", "-c", "snap", s(&d.join("v2.qcow2"))],
+        ),
+        "snapshot",
+    );
+    ok(
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", s(&d.join("r.raw")), "1M"],
+        ),
+        "raw",
+    );
+    for name in ["a.qcow2", "b.qcow2", "v2.qcow2", "r.raw"] {
+        let path = d.join(name);
+        let theirs: serde_json::Value = serde_json::from_slice(
+            &ok(
+                run("qemu-img", &["info", "--output=json", s(&path)]),
+                "qemu info",
+            )
+            .stdout,
+        )
+        .unwrap();
+        let ours: serde_json::Value = serde_json::from_slice(
+            &ok(ox(&["info", "--output=json", s(&path)]), "oxvirt info").stdout,
+        )
+        .unwrap();
+        assert_eq!(ours, theirs, "{name}");
+    }
+    let chain = ok(
+        ox(&[
+            "info",
+            "--backing-chain",
+            "--output=json",
+            s(&d.join("b.qcow2")),
+        ]),
+        "chain",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&chain.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2));
+}
+
+/// Patches bytes of a file in place.
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+fn fresh_with_data(d: &Path) -> PathBuf {
+    let src = d.join("src.raw");
+    make_source(&src, 2 << 20);
+    let img = d.join("x.qcow2");
+    ok(ox(&["convert", "-O", "qcow2", s(&src), s(&img)]), "convert");
+    img
+}
+
+#[test]
+fn check_exit_codes_and_repair() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let img = fresh_with_data(d);
+    assert_eq!(ox(&["check", s(&img)]).status.code(), Some(0));
+    // A leak: refcount 1 on a cluster nothing uses (a new cluster at the
+    // end of the file; 16-bit entries in the refcount block at 0x20000).
+    let len = std::fs::metadata(&img).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(len + 65536)
+        .unwrap();
+    patch(&img, 0x20000 + len / 65536 * 2, &[0, 1]);
+    assert_eq!(ox(&["check", s(&img)]).status.code(), Some(3));
+    assert_eq!(run("qemu-img", &["check", s(&img)]).status.code(), Some(3));
+    let json = ox(&["check", "--output=json", s(&img)]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["leaks"], 1);
+    assert_eq!(
+        ox(&["check", "-r", "leaks", s(&img)]).status.code(),
+        Some(0)
+    );
+    assert_eq!(run("qemu-img", &["check", s(&img)]).status.code(), Some(0));
+    // A corruption: refcount 0 on the first data cluster (cluster 5, after
+    // header, refcount table, refcount block, L1 and L2 tables).
+    patch(&img, 0x20000 + 5 * 2, &[0, 0]);
+    assert_eq!(ox(&["check", s(&img)]).status.code(), Some(2));
+    assert_eq!(run("qemu-img", &["check", s(&img)]).status.code(), Some(2));
+    assert_eq!(
+        ox(&["check", "-r", "leaks", s(&img)]).status.code(),
+        Some(2)
+    );
+    assert_eq!(ox(&["check", "-r", "all", s(&img)]).status.code(), Some(0));
+    assert_eq!(run("qemu-img", &["check", s(&img)]).status.code(), Some(0));
+    ok(
+        ox(&["compare", s(&img), s(&d.join("src.raw"))]),
+        "data intact after repair",
+    );
+    // Raw: checks not supported; a missing file: 1.
+    assert_eq!(
+        ox(&["check", s(&d.join("src.raw"))]).status.code(),
+        Some(63)
+    );
+    assert_eq!(
+        ox(&["check", "-f", "qcow2", s(&d.join("missing"))])
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn compare_exit_codes() {
+    let dir = tempdir();
+    let d = dir.path();
+    let img = fresh_with_data(d);
+    let src = d.join("src.raw");
+    assert_eq!(ox(&["compare", s(&img), s(&src)]).status.code(), Some(0));
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[1_000_000] ^= 0xff;
+    std::fs::write(d.join("changed.raw"), &bytes).unwrap();
+    let out = ox(&["compare", s(&img), s(&d.join("changed.raw"))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Content mismatch at offset 999936!"));
+    assert_eq!(
+        ox(&["compare", s(&img), s(&d.join("missing"))])
+            .status
+            .code(),
+        Some(2)
+    );
+    // Strict mode: a longer image with a zero tail is equal only without -s.
+    bytes[1_000_000] ^= 0xff;
+    bytes.extend_from_slice(&[0u8; 65536]);
+    std::fs::write(d.join("longer.raw"), &bytes).unwrap();
+    assert_eq!(
+        ox(&["compare", s(&img), s(&d.join("longer.raw"))])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        ox(&["compare", "-s", s(&img), s(&d.join("longer.raw"))])
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn map_matches_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    ok(
+        run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]),
+        "base",
+    );
+    qemu_io(&base, "qcow2", &["write -P 1 0 128k", "write -z 1M 64k"]);
+    let top = d.join("top.qcow2");
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                s(&top),
+            ],
+        ),
+        "top",
+    );
+    qemu_io(&top, "qcow2", &["write -P 2 64k 128k"]);
+    let theirs = ok(
+        run("qemu-img", &["map", "--output=json", s(&top)]),
+        "qemu map",
+    );
+    let ours = ok(ox(&["map", "--output=json", s(&top)]), "oxvirt map");
+    let a: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(b, a);
+}
+
+#[test]
+fn failed_convert_removes_output_and_keeps_source() {
+    let dir = tempdir();
+    let d = dir.path();
+    let img = fresh_with_data(d);
+    // Point L1 entry 0 (L1 table at 0x30000) at an L2 table past the end of the file.
+    patch(
+        &img,
+        0x30000,
+        &(0x8000_0000_0000_0000u64 | 0x7f_0000_0000).to_be_bytes(),
+    );
+    let before = std::fs::read(&img).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let out_path = d.join(format!("out.{fmt}"));
+        let out = ox(&["convert", "-O", fmt, s(&img), s(&out_path)]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("x.qcow2") && err.contains("L2 table"), "{err}");
+        assert!(!out_path.exists(), "partial output left behind");
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before, "source modified");
+}
+
+#[test]
+fn resize_grow_and_shrink() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let img = fresh_with_data(d);
+    ok(ox(&["resize", s(&img), "+1G"]), "grow");
+    ok(run("qemu-img", &["check", s(&img)]), "check after grow");
+    let info: serde_json::Value = serde_json::from_slice(
+        &ok(run("qemu-img", &["info", "--output=json", s(&img)]), "info").stdout,
+    )
+    .unwrap();
+    assert_eq!(info["virtual-size"], (2u64 << 20) + (1 << 30));
+    assert_eq!(ox(&["resize", s(&img), "1M"]).status.code(), Some(1));
+    ok(ox(&["resize", "--shrink", s(&img), "1M"]), "shrink");
+    ok(run("qemu-img", &["check", s(&img)]), "check after shrink");
+    let head = d.join("head.raw");
+    let src = std::fs::read(d.join("src.raw")).unwrap();
+    std::fs::write(&head, &src[..1 << 20]).unwrap();
+    ok(
+        run("qemu-img", &["compare", s(&img), s(&head)]),
+        "compare after shrink",
+    );
+}
