@@ -727,6 +727,9 @@ fn save_and_restore_continue_the_same_queue() {
     assert_eq!(block_state.config.serial.as_deref(), Some("disk0"));
     assert_eq!(block_state.config.write_limit, bandwidth(50 << 20));
 
+    let flushes = s.disk.flushes.load(Ordering::SeqCst);
+    d.transport.device().flush_disk().unwrap();
+    assert_eq!(s.disk.flushes.load(Ordering::SeqCst), flushes + 1);
     let block = Block::restore(s.disk.clone(), &block_state).unwrap();
     let mut restored =
         MmioTransport::restore(block, d.mem.clone(), d.irq.clone(), &transport_state).unwrap();

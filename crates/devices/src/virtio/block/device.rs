@@ -155,6 +155,14 @@ impl Block {
         self.read_only
     }
 
+    /// Makes every completed write durable whatever the cache mode (even
+    /// `unsafe`): what a snapshot or a migration does after
+    /// [`crate::virtio::MmioTransport::save`] stopped the worker, so that
+    /// the destination opening the image sees all the guest wrote.
+    pub fn flush_disk(&self) -> diskimg::Result<()> {
+        self.disk.flush()
+    }
+
     fn build_config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; CONFIG_LEN];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
