@@ -1,0 +1,265 @@
+//! Active health checks, a backend killed under load, the runtime API,
+//! Prometheus metrics and UDP sessions.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UdpSocket, UnixStream};
+
+async fn http(api: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(api).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+async fn state(api: &std::path::Path, server: usize) -> String {
+    let (_, body) = http(api, "GET", "/api/upstreams/app", "").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["servers"][server]["state"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_backend_killed_under_load_health_checks_and_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (Backend::start("one").await, Backend::start("two").await);
+    let port = free_port();
+    let api = dir.path().join("api.sock");
+    let lb = start(
+        dir.path(),
+        &format!(
+            "stream {{
+  runtime_api unix:{};
+  match greets {{ expect ~ \"^(one|two)\"; }}
+  upstream app {{ server {} max_fails=1 fail_timeout=1s; server {} max_fails=1 fail_timeout=1s; }}
+  server {{
+    listen 127.0.0.1:{port};
+    proxy_pass app;
+    proxy_connect_timeout 1s;
+    health_check interval=100ms fails=2 passes=2 match=greets;
+  }}
+}}",
+            api.display(),
+            one.addr,
+            two.addr
+        ),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
+    assert_eq!(state(&api, 1).await, "up");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match greeting(addr).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let two_addr = two.stop();
+    // Health checks (2 fails x 100 ms) mark it down; passive checks and
+    // proxy_next_upstream hide the failure from clients meanwhile.
+    for _ in 0..100 {
+        if state(&api, 1).await == "unhealthy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&api, 1).await, "unhealthy");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revived = Backend::at("two", two_addr).await;
+    for _ in 0..100 {
+        if state(&api, 1).await == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&api, 1).await, "up", "not back after passes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "clients saw errors ({} ok)",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(revived.count() > 0, "revived backend got no traffic");
+
+    // Drain: no new sessions; weight; down; bad requests.
+    let (code, _) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/0",
+        r#"{"drain":true}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(state(&api, 0).await, "draining");
+    let before = one.count();
+    for _ in 0..10 {
+        assert_eq!(greeting(addr).await.unwrap(), "two");
+    }
+    assert_eq!(one.count(), before);
+    let (code, body) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/0",
+        r#"{"drain":false,"weight":3}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""weight":3"#), "{body}");
+    let (code, _) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/1",
+        r#"{"down":true}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(state(&api, 1).await, "down");
+    assert_eq!(greeting(addr).await.unwrap(), "one");
+    assert_eq!(
+        http(
+            &api,
+            "PATCH",
+            "/api/upstreams/app/servers/0",
+            r#"{"weight":"x"}"#
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        http(
+            &api,
+            "PATCH",
+            "/api/upstreams/app/servers/0",
+            r#"{"bogus":1}"#
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        http(&api, "PATCH", "/api/upstreams/app/servers/9", r#"{}"#)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(http(&api, "GET", "/api/upstreams/nope", "").await.0, 404);
+
+    let (code, metrics) = http(&api, "GET", "/metrics", "").await;
+    assert_eq!(code, 200);
+    let line = format!(
+        "oxvirt_lb_upstream_up{{upstream=\"app\",server=\"{}\"}} 0",
+        two_addr
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    assert!(metrics.contains("# TYPE oxvirt_lb_upstream_connections_total counter"));
+    let (_, stats) = http(&api, "GET", "/api/stats", "").await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(stats["accepted"].as_u64().unwrap() > 10);
+    drop(lb);
+}
+
+/// Echoes each datagram back, prefixed with the PROXY v2 source if present.
+async fn udp_backend() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let mut data = &buf[..n];
+            let mut reply = Vec::new();
+            if data.starts_with(b"\r\n\r\n\0\r\nQUIT\n") {
+                let (h, rest) = lb::proxy_protocol::read_header(&mut data, Duration::from_secs(1))
+                    .await
+                    .unwrap();
+                reply.extend_from_slice(format!("{}|", h.source.unwrap()).as_bytes());
+                reply.extend_from_slice(&rest);
+            } else {
+                reply.extend_from_slice(data);
+            }
+            let _ = sock.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_udp_sessions_responses_timeout_and_proxy_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = udp_backend().await;
+    let (plain, pp) = (free_udp_port(), free_udp_port());
+    let log = dir.path().join("udp.log");
+    let lb = start(
+        dir.path(),
+        &format!(
+            "stream {{
+  log_format u '$protocol $remote_addr $status $bytes_received $bytes_sent';
+  server {{ listen 127.0.0.1:{plain} udp; proxy_pass {backend}; proxy_timeout 300ms; access_log {} u; }}
+  server {{ listen 127.0.0.1:{pp} udp; proxy_pass {backend}; proxy_responses 1; proxy_protocol on; }}
+}}",
+            log.display()
+        ),
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = client.local_addr().unwrap();
+    let mut buf = [0u8; 1500];
+    for msg in ["one", "two", "three"] {
+        client
+            .send_to(msg.as_bytes(), ("127.0.0.1", plain))
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
+    }
+    // One session for all three datagrams; it ends after 300 ms idle and is logged.
+    wait_for("udp session log", Duration::from_secs(3), || {
+        log.exists() && std::fs::read_to_string(&log).unwrap().lines().count() == 1
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().trim(),
+        "UDP 127.0.0.1 200 11 11"
+    );
+
+    client.send_to(b"dns?", ("127.0.0.1", pp)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("{me}|dns?"));
+    // proxy_responses 1: the session is over after its answer.
+    wait_for("udp sessions to end", Duration::from_secs(3), || {
+        lb.shared().sessions.is_empty()
+    })
+    .await;
+}
