@@ -172,10 +172,10 @@ impl Header {
         if version == 3 {
             h.parse_v3(path, buf)?;
         }
+        h.parse_backing_name(path, buf)?;
         h.parse_extensions(path, buf)?;
         h.check_features(path)?;
         h.check_layout(path, file_len)?;
-        h.parse_backing_name(path, buf)?;
         Ok(h)
     }
 
