@@ -817,3 +817,27 @@ fn transports_can_sit_on_a_shared_bus() {
     handle::<devices::virtio::block::BlockHandle>();
     handle::<devices::virtio::net::NetHandle>();
 }
+
+#[test]
+fn queue_teardown_while_running_stops_the_device_until_reset() {
+    let mut s = setup();
+    assert_still_works(&mut s.driver);
+    let d = &mut s.driver;
+    // What virtio-drivers does when a queue is dropped.
+    d.write_reg(0x30, 0);
+    d.write_reg(0x44, 0);
+    assert_eq!(d.read_reg(0x44), 0, "QueueReady does not read back 0");
+    assert!(!d.transport.is_active());
+    for reg in [0x38, 0x80, 0x84, 0x90, 0x94, 0xa0, 0xa4] {
+        d.write_reg(reg, 0);
+    }
+    // A request made now is not served: the rings may be gone.
+    write_header(d, T_IN, 0);
+    d.queues[0].add_chain(&d.mem, &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]);
+    d.notify(0);
+    assert!(d.queues[0]
+        .wait_used(&d.mem, Duration::from_millis(100))
+        .is_none());
+    d.init(u64::MAX, 1, 128);
+    assert_still_works(d);
+}

@@ -175,10 +175,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
         queue
     }
 
-    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
+    /// Queue registers may change after FEATURES_OK while the device is not
+    /// running (before DRIVER_OK, or after a queue was torn down).
     fn queue_config_allowed(&self) -> bool {
-        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.active
+    }
+
+    /// QueueReady. Writing 0 while the device runs is a driver tearing the
+    /// queue down (virtio-drivers does so on drop, and reads the register
+    /// until it says 0): the device stops, so it never touches the rings
+    /// again, and stays stopped until a reset.
+    fn write_queue_ready(&mut self, v: u32) {
+        if v == 0 && self.active {
+            self.pause();
+        }
+        self.update_queue(|q| q.set_ready(v == 1));
     }
 
     fn update_queue(&mut self, change: impl FnOnce(&mut Queue)) {
@@ -226,7 +237,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_DRIVER_FEATURES => self.write_driver_features(v),
             REG_QUEUE_SEL => self.queue_sel = v,
             REG_QUEUE_NUM => self.update_queue(|q| q.set_size(v as u16)),
-            REG_QUEUE_READY => self.update_queue(|q| q.set_ready(v == 1)),
+            REG_QUEUE_READY => self.write_queue_ready(v),
             REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(v), None)),
             REG_QUEUE_DESC_HIGH => self.update_queue(|q| q.set_desc_table_address(None, Some(v))),
             REG_QUEUE_DRIVER_LOW => self.update_queue(|q| q.set_avail_ring_address(Some(v), None)),
