@@ -245,6 +245,20 @@ fn heavy_net_udp_echo_through_a_tap_with_mergeable_buffers() {
     assert!(stats.rx_packets >= 3 && stats.tx_packets == 3, "{stats:?}");
     assert_eq!(stats.tx_bytes, (14 + 28) * 3 + 64 + 1400 + 6000);
     assert_eq!(stats.errors, 0);
+
+    // Hostile transmit chains: a device-writable buffer, a buffer outside
+    // guest memory, a chain shorter than the header. None reaches the tap.
+    assert_eq!(g.d.submit(1, &[wr(TX_BASE, 100)]).1, 0);
+    assert_eq!(g.d.submit(1, &[rd(u64::MAX - 50, 100)]).1, 0);
+    assert_eq!(g.d.submit(1, &[rd(TX_BASE, 8)]).1, 0);
+    let stats = g.d.transport.device().handle().stats();
+    assert_eq!((stats.errors, stats.tx_packets), (3, 3));
+    // The device still echoes.
+    sock.send_to(b"still here", "10.77.0.2:7").unwrap();
+    g.echo_one_udp();
+    let mut back = [0u8; 16];
+    let (n, _) = sock.recv_from(&mut back).unwrap();
+    assert_eq!(&back[..n], b"still here");
 }
 
 #[test]
