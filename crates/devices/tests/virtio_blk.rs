@@ -631,7 +631,7 @@ fn heavy_write_bandwidth_limit_holds() {
     }
     // 2 MiB at 1 MiB/s, less the 0.1 s bucket that starts full.
     let took = start.elapsed().as_secs_f64();
-    assert!((1.8..2.2).contains(&took), "2 MiB took {took:.2} s");
+    assert!((1.8..2.4).contains(&took), "2 MiB took {took:.2} s");
     // Reads are not limited.
     let start = Instant::now();
     assert_eq!(
@@ -654,7 +654,7 @@ fn heavy_read_iops_limit_holds_and_runtime_change_takes_effect_at_once() {
     }
     // 5 in the full bucket, 25 more at 50/s.
     let took = start.elapsed().as_secs_f64();
-    assert!((0.45..0.6).contains(&took), "30 reads took {took:.2} s");
+    assert!((0.45..0.75).contains(&took), "30 reads took {took:.2} s");
 
     // Nearly stop reads, queue one, then lift the limit: it completes at once.
     let handle = s.driver.transport.device().handle();

@@ -316,7 +316,7 @@ fn heavy_net_tx_packet_limit_and_save_restore() {
     }
     // 5 packets in the full bucket, 10 more at 50/s.
     let took = start.elapsed().as_secs_f64();
-    assert!((0.18..0.3).contains(&took), "15 packets took {took:.2} s");
+    assert!((0.18..0.4).contains(&took), "15 packets took {took:.2} s");
 
     // Save, restore over the same tap, and carry on with the same rings.
     let transport_state = g.d.transport.save();

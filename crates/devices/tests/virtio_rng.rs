@@ -90,7 +90,7 @@ fn heavy_rate_limit_paces_entropy() {
     }
     // 40 000 bytes at 40 000/s, less the 4 000-byte bucket that starts full.
     let took = start.elapsed().as_secs_f64();
-    assert!((0.85..1.1).contains(&took), "took {took:.2} s");
+    assert!((0.85..1.3).contains(&took), "took {took:.2} s");
 }
 
 #[test]
