@@ -349,3 +349,34 @@ fn heavy_net_tx_packet_limit_and_save_restore() {
     let (n, _) = sock.recv_from(&mut back).unwrap();
     assert_eq!(&back[..n], b"after restore");
 }
+
+#[test]
+fn heavy_net_rx_packet_limit_set_at_run_time() {
+    if !prerequisites() {
+        return;
+    }
+    let (ns, tap) = tap_in_namespace("d");
+    let mut g = Guest::new(tap, NetConfig::new(GUEST_MAC.parse().unwrap()));
+    let handle = g.d.transport.device().handle();
+    let rx = LimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig::per_second(20, 0)),
+    };
+    handle.set_throttle(rx, LimiterConfig::default()).unwrap();
+    assert_eq!(handle.throttle().0, rx);
+    let sock = socket_in(&ns);
+    let start = Instant::now();
+    for i in 0..8u8 {
+        sock.send_to(&[i; 32], "10.77.0.2:9").unwrap();
+    }
+    let mut got = 0;
+    while got < 8 {
+        let frame = g.receive().expect("frame held back for good");
+        if udp_echo_reply(&frame, g.mac).is_some() {
+            got += 1;
+        }
+    }
+    // 2 frames in the full bucket, 6 more at 20/s.
+    let took = start.elapsed().as_secs_f64();
+    assert!((0.27..0.5).contains(&took), "8 frames took {took:.2} s");
+}
