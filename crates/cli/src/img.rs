@@ -25,7 +25,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<u8> {
     let Some((verb, rest)) = args.rest.split_first() else {
-        bail!("missing command (create, info, check, convert, compare, map, resize, snapshot, commit, rebase)");
+        bail!("missing command (create, info, check, convert, compare, map, resize, snapshot, commit, rebase, measure)");
     };
     match verb.as_str() {
         "create" => create(rest),
@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<u8> {
         "snapshot" => snapshot(rest),
         "commit" => commit(rest),
         "rebase" => rebase(rest),
+        "measure" => measure(rest),
         other => bail!("Command not found: {other}"),
     }
 }
@@ -491,17 +492,89 @@ fn resize(args: &[String]) -> Result<u8> {
 fn snapshot(args: &[String]) -> Result<u8> {
     let o = Opts::parse(args, &["c", "a", "d", "f"], &["l", "q", "U"])?;
     let file = one_file(&o, "snapshot")?;
-    bail!("{}: snapshot: not implemented yet", file.display())
+    let actions = ["l", "c", "a", "d"].iter().filter(|a| o.has(a)).count();
+    if actions != 1 {
+        bail!("snapshot: give exactly one of -l, -c, -a, -d");
+    }
+    let q = Chain::without_backing().open_qcow2(&file, o.has("l"))?;
+    if o.has("l") {
+        let snaps = info::info(&file, Some(Format::Qcow2))?
+            .snapshots
+            .unwrap_or_default();
+        if !snaps.is_empty() {
+            print!("Snapshot list:\n{}", info::snapshot_table(&snaps));
+        }
+    } else if let Some(name) = o.value("c") {
+        q.snapshot_create(name)?;
+    } else if let Some(name) = o.value("a") {
+        q.snapshot_apply(name)?;
+    } else if let Some(name) = o.value("d") {
+        q.snapshot_delete(name)?;
+    }
+    Ok(0)
 }
 
 fn commit(args: &[String]) -> Result<u8> {
-    let o = Opts::parse(args, &["f", "b", "t"], &["d", "p", "q"])?;
+    let o = Opts::parse(args, &["f", "b", "t", "r"], &["d", "p", "q"])?;
     let file = one_file(&o, "commit")?;
-    bail!("{}: commit: not implemented yet", file.display())
+    diskimg::ops::commit::commit(&file, o.value("b").map(Path::new), o.has("d"))?;
+    if !o.has("q") {
+        println!("Image committed.");
+    }
+    Ok(0)
 }
 
 fn rebase(args: &[String]) -> Result<u8> {
     let o = Opts::parse(args, &["f", "b", "F", "t", "T"], &["u", "p", "q", "U"])?;
     let file = one_file(&o, "rebase")?;
-    bail!("{}: rebase: not implemented yet", file.display())
+    let Some(new) = o.value("b") else {
+        bail!("Must specify backing file (-b) or use '-b \"\"' to remove it");
+    };
+    let new = (!new.is_empty()).then_some(new);
+    diskimg::ops::commit::rebase(&file, new, format_arg(&o, "F")?, o.has("u"))?;
+    Ok(0)
+}
+
+fn measure(args: &[String]) -> Result<u8> {
+    let o = Opts::parse(
+        args,
+        &["f", "O", "o", "size", "output", "l"],
+        &["U", "force-share"],
+    )?;
+    let out_format: Format = o.value("O").unwrap_or("raw").parse()?;
+    let mut c = CreateOptions::default();
+    if out_format == Format::Qcow2 {
+        qcow2_options(&o, &mut c)?;
+    }
+    let source = match (o.positional.as_slice(), o.value("size")) {
+        ([f], None) => Some(diskimg::open(Path::new(f), true, format_arg(&o, "f")?)?),
+        ([], Some(_)) => None,
+        _ => bail!("Either --size N or one filename must be specified."),
+    };
+    let size = o.value("size").map(parse_size).transpose()?.unwrap_or(0);
+    let m = diskimg::ops::measure::measure(source.as_deref(), size, out_format, &c)?;
+    let qcow_source = match o.positional.first() {
+        Some(f) => {
+            probe(Path::new(f))? == Format::Qcow2 && o.value("f").is_none_or(|f| f == "qcow2")
+        }
+        None => false,
+    };
+    if json_output(&o)? {
+        let mut map = serde_json::Map::new();
+        map.insert("required".into(), m.required.into());
+        map.insert("fully-allocated".into(), m.fully_allocated.into());
+        if qcow_source && out_format == Format::Qcow2 {
+            map.insert("bitmaps".into(), 0.into());
+        }
+        print_json(serde_json::to_string_pretty(&map))?;
+    } else {
+        println!(
+            "required size: {}\nfully allocated size: {}",
+            m.required, m.fully_allocated
+        );
+        if qcow_source && out_format == Format::Qcow2 {
+            println!("bitmaps size: 0");
+        }
+    }
+    Ok(0)
 }

@@ -1,9 +1,11 @@
 //! The qemu-img verbs as library calls; `oxvirt img` only parses and prints.
 
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod resize;
 
 use crate::block::{Allocation, BlockDevice};

@@ -282,12 +282,14 @@ impl Qcow2 {
         let n = max.min((end << sc_bits) - in_cl);
         let map = match kind {
             (1, 0) if host != 0 => Map::Data(host + in_cl),
-            (1, 0) => return Err(corrupt(
-                &self.disk.path,
-                format!(
+            (1, 0) => {
+                return Err(corrupt(
+                    &self.disk.path,
+                    format!(
                     "L2 entry for guest offset {guest}: subcluster allocated without a host offset"
                 ),
-            )),
+                ))
+            }
             (0, 1) => Map::Zero,
             (0, 0) => Map::Unallocated,
             _ => {
@@ -302,7 +304,7 @@ impl Qcow2 {
         Ok((map, n))
     }
 
-    fn compressed_range(&self, entry: u64) -> (u64, u64) {
+    pub(crate) fn compressed_range(&self, entry: u64) -> (u64, u64) {
         let x = 62 - (self.cluster_bits - 8);
         let offset = entry & ((1 << x) - 1);
         let sectors = ((entry >> x) & ((1 << (self.cluster_bits - 8)) - 1)) + 1;
@@ -662,6 +664,43 @@ impl Qcow2 {
         }
         self.disk.write(&size.to_be_bytes(), 24)?;
         st.header.size = size;
+        self.disk.sync()
+    }
+
+    /// Drops every cluster this image holds, so that it reads entirely
+    /// from its backing file again (`qemu-img commit` without -d).
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let mut st = self.write_lock();
+        let mut g = 0;
+        while g < st.header.size {
+            self.unmap_cluster(&mut st, g, false)?;
+            g += cs;
+        }
+        self.disk.sync()
+    }
+
+    /// Rewrites the header with a new backing file name and format (None
+    /// removes the backing file). Unknown header extensions are dropped,
+    /// so the autoclear bits that promise them are cleared.
+    pub fn set_backing(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.write_lock();
+        let mut h = st.header.clone();
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        h.refcount_table_offset = st.refs.table_offset;
+        h.refcount_table_clusters = st.refs.table_clusters() as u32;
+        h.autoclear = 0;
+        let raw = h
+            .encode()
+            .map_err(|m| Error::Usage(format!("{}: {m}", self.disk.path.display())))?;
+        // The first cluster holds nothing but the header: clear the rest of it.
+        let mut cluster = vec![0u8; self.cluster_size() as usize];
+        cluster[..raw.len()].copy_from_slice(&raw);
+        self.disk.write(&cluster, 0)?;
+        st.header = h;
         self.disk.sync()
     }
 

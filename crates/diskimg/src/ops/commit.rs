@@ -1,0 +1,135 @@
+//! `qemu-img commit` and `qemu-img rebase`.
+
+use std::path::{Path, PathBuf};
+
+use super::chain_status;
+use crate::block::{Allocation, BlockDevice};
+use crate::error::{Error, Result};
+use crate::image::{resolve_backing, Chain, Format};
+
+const CHUNK: u64 = 1 << 20;
+
+/// Copies what `top` holds into its backing file; unless `keep`, then
+/// empties `top`. Only the immediate backing file can be the base.
+pub fn commit(top: &Path, base: Option<&Path>, keep: bool) -> Result<()> {
+    let reader = Chain::new().open_qcow2(top, true)?;
+    let header = reader.header();
+    let Some(name) = header.backing_file.clone() else {
+        return Err(Error::Usage(format!(
+            "{}: Image does not have a backing file",
+            top.display()
+        )));
+    };
+    let backing = resolve_backing(top, &name);
+    if let Some(b) = base {
+        let same = b.canonicalize().ok() == backing.canonicalize().ok();
+        if !same {
+            return Err(Error::Unsupported {
+                path: top.into(),
+                what: format!(
+                    "committing into {} (only the immediate backing file {} can be the base)",
+                    b.display(),
+                    backing.display()
+                ),
+            });
+        }
+    }
+    let fmt = header
+        .backing_format
+        .as_deref()
+        .map(str::parse::<Format>)
+        .transpose()?;
+    let target = Chain::new().open(&backing, false, fmt)?;
+    let size = reader.size().min(target.size());
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut at = 0;
+    while at < size {
+        let (alloc, n) = reader.block_status(at, (size - at).min(CHUNK))?;
+        match alloc {
+            Allocation::Unallocated => {}
+            Allocation::Zero => target.write_zeroes(at, n)?,
+            Allocation::Data { .. } => {
+                reader.read_at(&mut buf[..n as usize], at)?;
+                target.write_at(&buf[..n as usize], at)?;
+            }
+        }
+        at += n;
+    }
+    target.flush()?;
+    drop(reader);
+    if !keep {
+        Chain::without_backing()
+            .open_qcow2(top, false)?
+            .make_empty()?;
+    }
+    Ok(())
+}
+
+/// Changes `image`'s backing file to `new` (None: no backing file). In
+/// safe mode every range the image does not hold, and where the old and
+/// new backing files differ, is first copied into the image.
+pub fn rebase(
+    image: &Path,
+    new: Option<&str>,
+    new_format: Option<Format>,
+    unsafe_mode: bool,
+) -> Result<()> {
+    let fmt_name = |f: Format| f.name().to_string();
+    let new_path: Option<PathBuf> = new.map(|n| resolve_backing(image, n));
+    let new_format = match (&new_path, new_format) {
+        (Some(p), None) if p.exists() => Some(crate::image::probe(p)?),
+        (_, f) => f,
+    };
+    if !unsafe_mode {
+        let img = Chain::new().open_qcow2(image, false)?;
+        let new_dev: Option<Box<dyn BlockDevice>> = match &new_path {
+            Some(p) => Some(Chain::new().open(p, true, new_format)?),
+            None => None,
+        };
+        copy_differences(&img, new_dev.as_deref())?;
+        img.flush()?;
+    }
+    let img = Chain::without_backing().open_qcow2(image, false)?;
+    img.set_backing(new, new_format.map(fmt_name).as_deref())
+}
+
+fn copy_differences(img: &crate::qcow2::Qcow2, new: Option<&dyn BlockDevice>) -> Result<()> {
+    let size = img.size();
+    let old = img.backing();
+    let read = |dev: Option<&dyn BlockDevice>, buf: &mut [u8], at: u64| -> Result<()> {
+        buf.fill(0);
+        if let Some(d) = dev {
+            let n = d.size().saturating_sub(at).min(buf.len() as u64) as usize;
+            if n > 0 {
+                d.read_at(&mut buf[..n], at)?;
+            }
+        }
+        Ok(())
+    };
+    let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut at = 0;
+    while at < size {
+        let (alloc, n) = img.block_status(at, (size - at).min(CHUNK))?;
+        if alloc == Allocation::Unallocated {
+            let zero_old = match old {
+                Some(o) if at < o.size() => {
+                    let s = chain_status(o, at, n.min(o.size() - at))?;
+                    s.reads_zero() && s.len >= n
+                }
+                _ => true,
+            };
+            let (x, y) = (&mut a[..n as usize], &mut b[..n as usize]);
+            if zero_old {
+                x.fill(0);
+            } else {
+                read(old, x, at)?;
+            }
+            read(new, y, at)?;
+            if x != y {
+                img.write_at(x, at)?;
+            }
+        }
+        at += n;
+    }
+    Ok(())
+}
