@@ -259,6 +259,9 @@ fn route(r: &Request, shared: &Shared) -> Result<(&'static str, String), ApiErro
     }
 }
 
+/// Reads one number off a peer, for a metrics series.
+type PeerValue = fn(&crate::balancer::Peer) -> u64;
+
 fn metrics(shared: &Shared, upstreams: &[Arc<Upstream>]) -> String {
     let mut out = String::new();
     let s = &shared.stats;
@@ -299,7 +302,7 @@ fn metrics(shared: &Shared, upstreams: &[Arc<Upstream>]) -> String {
         "# TYPE oxvirt_lb_sessions_active gauge\noxvirt_lb_sessions_active {}",
         shared.sessions.len()
     );
-    let series: [(&str, &str, fn(&crate::balancer::Peer) -> u64); 5] = [
+    let series: [(&str, &str, PeerValue); 5] = [
         ("oxvirt_lb_upstream_active", "gauge", |p| {
             u64::from(p.active.load(Ordering::Relaxed))
         }),

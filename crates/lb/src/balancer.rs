@@ -150,9 +150,12 @@ impl Upstream {
             p.failures.fetch_add(1, Ordering::Relaxed);
             st.fails += 1;
             st.checked = Some(Instant::now());
-            if p.conf.max_fails > 0 {
-                st.effective_weight -=
-                    i64::from(p.weight.load(Ordering::Relaxed) / p.conf.max_fails);
+            if let Some(step) = p
+                .weight
+                .load(Ordering::Relaxed)
+                .checked_div(p.conf.max_fails)
+            {
+                st.effective_weight -= i64::from(step);
                 if st.fails >= p.conf.max_fails {
                     tracing::warn!(upstream = %self.name, peer = %p.conf.addr, "upstream server temporarily disabled");
                 }
@@ -223,7 +226,7 @@ impl Upstream {
                 st.effective_weight += 1;
             }
             let current = st.current_weight;
-            if best.map_or(true, |b| current > state[b].current_weight) {
+            if best.is_none_or(|b| current > state[b].current_weight) {
                 best = Some(i);
             }
         }

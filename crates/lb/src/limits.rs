@@ -13,6 +13,13 @@ pub struct Zone {
     counts: Mutex<HashMap<String, u32>>,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("limit_conn zone \"{zone}\": all {limit} slots for this key are taken")]
+pub struct LimitReached {
+    pub zone: String,
+    pub limit: u32,
+}
+
 /// Holds one slot in a zone; gives it back when dropped.
 #[derive(Debug)]
 pub struct Slot {
@@ -35,14 +42,21 @@ impl Zone {
 
     /// Takes a slot for `key` unless `limit` are already taken. Empty keys are
     /// not limited, as in nginx.
-    pub fn acquire(self: &Arc<Self>, key: String, limit: u32) -> Result<Option<Slot>, ()> {
+    pub fn acquire(
+        self: &Arc<Self>,
+        key: String,
+        limit: u32,
+    ) -> Result<Option<Slot>, LimitReached> {
         if key.is_empty() {
             return Ok(None);
         }
         let mut counts = self.counts();
         let n = counts.entry(key.clone()).or_insert(0);
         if *n >= limit {
-            return Err(());
+            return Err(LimitReached {
+                zone: self.name.clone(),
+                limit,
+            });
         }
         *n += 1;
         Ok(Some(Slot {

@@ -101,7 +101,8 @@ impl Shared {
     }
 }
 
-type ListenValue = Option<(Arc<ServerCtx>, ListenConf)>;
+/// What a listener serves: the server block and its `listen` line; `None` closes it.
+pub type ListenValue = Option<(Arc<ServerCtx>, ListenConf)>;
 
 /// A bound socket and the channel that tells its loop which server it serves.
 struct ListenerHandle {

@@ -101,7 +101,7 @@ fn allowed(ctx: &ServerCtx, vars: &Vars) -> bool {
         .access
         .iter()
         .find(|(_, cidr)| cidr.contains(ip))
-        .map_or(true, |(rule, _)| *rule == Access::Allow)
+        .is_none_or(|(rule, _)| *rule == Access::Allow)
 }
 
 fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
@@ -109,8 +109,8 @@ fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
     for (zone, limit) in &ctx.limits {
         match zone.acquire(zone.key.render(vars), *limit) {
             Ok(slot) => slots.extend(slot),
-            Err(()) => {
-                tracing::info!(client = %vars.remote, zone = %zone.name, "limiting connections");
+            Err(e) => {
+                tracing::info!(client = %vars.remote, "limiting connections: {e}");
                 return None;
             }
         }

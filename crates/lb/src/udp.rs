@@ -9,20 +9,22 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Access, ListenConf};
+use crate::config::Access;
 use crate::proxy_protocol;
-use crate::runtime::{ServerCtx, Shared};
+use crate::runtime::{ListenValue, ServerCtx, Shared};
 use crate::vars::Vars;
 
 const MAX_DATAGRAM: usize = 65535;
 /// Datagrams queued per session before new ones are dropped (UDP may drop).
 const QUEUE: usize = 256;
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>>>;
+/// Live sessions: client address to (session id, datagram queue).
+type SessionMap = HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>;
+type Sessions = Arc<Mutex<SessionMap>>;
 
 pub async fn serve(
     socket: Arc<UdpSocket>,
-    mut serve: watch::Receiver<Option<(Arc<ServerCtx>, ListenConf)>>,
+    mut serve: watch::Receiver<ListenValue>,
     shared: Arc<Shared>,
 ) {
     let sessions: Sessions = Arc::default();
@@ -51,9 +53,7 @@ pub async fn serve(
     }
 }
 
-fn lock(
-    s: &Sessions,
-) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>> {
+fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, SessionMap> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -99,7 +99,7 @@ async fn session(
         .access
         .iter()
         .find(|(_, c)| c.contains(ip))
-        .map_or(true, |(r, _)| *r == Access::Allow);
+        .is_none_or(|(r, _)| *r == Access::Allow);
     if !allowed {
         shared.stats.denied.fetch_add(1, Ordering::Relaxed);
         return 403;

@@ -304,7 +304,7 @@ fn expect_args(d: &Directive, range: std::ops::RangeInclusive<usize>) -> Result<
     Ok(())
 }
 
-fn block<'a>(d: &'a Directive) -> Result<&'a [Directive], ConfigError> {
+fn block(d: &Directive) -> Result<&[Directive], ConfigError> {
     d.block
         .as_deref()
         .ok_or_else(|| invalid(d, format!("\"{}\" needs a {{ }} block", d.name)))
