@@ -34,7 +34,11 @@ pub async fn session(
     let id = shared.next_connection();
     let mut vars = Vars::new(peer, local, false, id);
     let _ = client.set_nodelay(true);
-    vars.status = run(&ctx, &shared, &listen, client, &mut vars).await;
+    // A fast stop ends sessions in every phase, not only while relaying.
+    vars.status = tokio::select! {
+        status = run(&ctx, &shared, &listen, client, &mut vars) => status,
+        () = shared.kill.cancelled() => STATUS_OK,
+    };
     for (log, format) in &ctx.logs {
         log.write_line(&format.render(&vars));
     }

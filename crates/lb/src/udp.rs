@@ -73,7 +73,10 @@ fn start_session(
     shared.sessions.spawn(async move {
         let local = socket.local_addr().unwrap_or(client);
         let mut vars = Vars::new(client, local, true, id);
-        vars.status = session(&ctx, &task_shared, &socket, rx, first, &mut vars).await;
+        vars.status = tokio::select! {
+            status = session(&ctx, &task_shared, &socket, rx, first, &mut vars) => status,
+            () = task_shared.kill.cancelled() => 200,
+        };
         let mut map = lock(&sessions);
         if map.get(&client).is_some_and(|(sid, _)| *sid == id) {
             map.remove(&client);

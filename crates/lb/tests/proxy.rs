@@ -275,3 +275,38 @@ async fn heavy_idle_timeout_and_half_close() {
         .unwrap();
     assert_eq!(rest, b"last words");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_worker_connections_caps_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start("ok").await;
+    let port = free_port();
+    let lb = start(
+        dir.path(),
+        &format!("events {{ worker_connections 3; }}\nstream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {}; }} }}", backend.addr),
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await.unwrap(), "ok");
+        held.push(s);
+    }
+    let mut over = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_without_data(&mut over).await,
+        "a 4th session went past worker_connections 3"
+    );
+    drop(held);
+    wait_for("sessions to end", Duration::from_secs(5), || {
+        lb.shared().sessions.is_empty()
+    })
+    .await;
+    assert_eq!(greeting(addr).await.unwrap(), "ok");
+    let over = lb
+        .shared()
+        .stats
+        .over_capacity
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(over, 1);
+}
