@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod img;
 mod lb;
+mod vmm;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,8 @@ enum Command {
     Img(img::Args),
     /// nginx-stream compatible L4 load balancer.
     Lb(lb::Args),
+    /// KVM virtual machine monitor: one VM in the foreground.
+    Vmm(vmm::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Img(args) => img::run(args),
         Command::Lb(args) => lb::run(args),
+        Command::Vmm(args) => vmm::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -4,6 +4,7 @@
 //! a vCPU thread.
 
 mod bus;
+pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;
 

@@ -1,0 +1,57 @@
+//! `oxvirt vmm`: runs one VM in the foreground (see docs/vmm.md).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use vmm::config::{Settings, SizeSetting};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Kernel: a bzImage, or an ELF with a PVH entry note (vmlinux, the probe guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: console=ttyS0).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest RAM: 512M, 2G, or a number of MiB (default 128M).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Serial console: stdio, file:PATH or unix:PATH (default stdio).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Control socket path (JSON lines, QMP-style).
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// CPUID profile: host (default) or pvm-compat.
+    #[arg(long, value_name = "host|pvm-compat")]
+    cpu_profile: Option<String>,
+    /// The same settings in a TOML file (or JSON, for a .json name); flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let from_file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let flags = Settings {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory.map(SizeSetting::Text),
+        vcpus: args.vcpus,
+        serial: args.serial,
+        api: args.api,
+        cpu_profile: args.cpu_profile,
+    };
+    let config = from_file.overridden_by(flags).into_config()?;
+    let exit = vmm::run(&config).context("vmm")?;
+    Ok(exit.status())
+}
