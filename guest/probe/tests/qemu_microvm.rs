@@ -16,11 +16,15 @@ fn prerequisites() -> bool {
 }
 
 fn boot(cmdline: &str, vcpus: u32) -> VmRun {
+    boot_for(cmdline, vcpus, Duration::from_secs(60))
+}
+
+fn boot_for(cmdline: &str, vcpus: u32, timeout: Duration) -> VmRun {
     let vm = Microvm::new(probe_kernel())
         .cmdline(cmdline)
         .memory_mib(64)
         .vcpus(vcpus);
-    run_vm(vm.command(), Duration::from_secs(60))
+    run_vm(vm.command(), timeout)
 }
 
 /// The run ended through the debug-exit port with `PROBE DONE ok`.
@@ -110,6 +114,16 @@ fn heavy_qemu_smp_every_vcpu_reports_in() {
         .find_map(|r| r.num("cpus"))
         .expect("a total line");
     assert_eq!(total, 2.0);
+
+    // One vCPU: no AP to start, the total is 1.
+    let run = boot("probe=smp", 1);
+    assert_ok(&run);
+    assert_eq!(
+        run.probe.results_of("smp").find_map(|r| r.num("cpus")),
+        Some(1.0),
+        "{}",
+        run.describe()
+    );
 }
 
 #[test]
@@ -153,6 +167,36 @@ fn heavy_qemu_mem_dirty_rate_is_capped() {
         );
     }
     assert!(run.wall >= Duration::from_millis(900), "{:?}", run.wall);
+}
+
+#[test]
+fn heavy_qemu_mem_runs_until_stopped() {
+    if !prerequisites() {
+        return;
+    }
+    // Without probe.passes the guest dirties memory until the VM is
+    // killed: 8 MiB at 64 MiB/s is a pass every 125 ms.
+    let run = boot_for(
+        "probe=mem probe.mib=8 probe.dirty_mib_s=64 probe.verify=1",
+        1,
+        Duration::from_secs(2),
+    );
+    assert!(
+        run.status.is_none(),
+        "the guest stopped by itself\n{}",
+        run.describe()
+    );
+    assert_eq!(run.probe.done, None, "{}", run.describe());
+    let passes = run
+        .probe
+        .results_of("mem")
+        .filter(|r| r.values.contains_key("pass"))
+        .count();
+    assert!(
+        passes >= 5,
+        "only {passes} passes in 2 s\n{}",
+        run.describe()
+    );
 }
 
 #[test]
