@@ -38,12 +38,26 @@ pub struct BucketConfig {
 
 impl BucketConfig {
     /// `rate` tokens per second with a one-time `burst` on top: what
-    /// `docker run --device-write-bps` or `--disk write_bps=` mean.
+    /// `docker run --device-write-bps` or `--disk write_bps=` mean. The
+    /// bucket holds about 100 ms worth (at least one token), so that a limit
+    /// holds from the first second on; the refill time is rounded to the
+    /// millisecond (an error below 0.4 % for any rate). A zero rate gives an
+    /// invalid (zero-size) bucket that the limiter refuses.
     pub fn per_second(rate: u64, burst: u64) -> Self {
+        if rate == 0 {
+            return BucketConfig {
+                size: 0,
+                one_time_burst: burst,
+                refill_time_ms: PER_SECOND_REFILL_MS,
+            };
+        }
+        let size = rate.div_ceil(1000 / PER_SECOND_REFILL_MS);
+        let refill_time_ms =
+            ((u128::from(size) * 1000 + u128::from(rate) / 2) / u128::from(rate)).max(1);
         BucketConfig {
-            size: (rate.saturating_mul(PER_SECOND_REFILL_MS) / 1000).max(1),
+            size,
             one_time_burst: burst,
-            refill_time_ms: PER_SECOND_REFILL_MS,
+            refill_time_ms: u64::try_from(refill_time_ms).unwrap_or(u64::MAX),
         }
     }
 
@@ -152,6 +166,16 @@ pub struct LimiterConfig {
 }
 
 impl LimiterConfig {
+    /// Limits in the units of `--disk bps=,iops=,burst=` and Docker's
+    /// `--device-*-bps/iops`: bytes and operations per second (`None`:
+    /// unlimited), with a one-time burst of `burst_bytes` on the bandwidth.
+    pub fn per_second(bytes_per_s: Option<u64>, ops_per_s: Option<u64>, burst_bytes: u64) -> Self {
+        LimiterConfig {
+            bandwidth: bytes_per_s.map(|rate| BucketConfig::per_second(rate, burst_bytes)),
+            ops: ops_per_s.map(|rate| BucketConfig::per_second(rate, 0)),
+        }
+    }
+
     pub fn is_unlimited(&self) -> bool {
         self.bandwidth.is_none() && self.ops.is_none()
     }
@@ -387,10 +411,31 @@ mod tests {
     }
 
     #[test]
-    fn per_second_maps_rate_onto_a_100ms_bucket() {
+    fn per_second_maps_rates_onto_short_buckets_accurately() {
         let c = BucketConfig::per_second(1 << 20, 4096);
-        assert_eq!(c.rate_per_second(), (1u64 << 20) * 100 / 1000 * 10);
-        assert_eq!(c.one_time_burst, 4096);
+        assert_eq!(
+            (c.size, c.refill_time_ms, c.one_time_burst),
+            (104_858, 100, 4096)
+        );
+        for rate in [1u64, 5, 7, 15, 99, 1000, 12_345, 1 << 20, 10 << 30] {
+            let c = BucketConfig::per_second(rate, 0);
+            let actual = c.size as f64 * 1000.0 / c.refill_time_ms as f64;
+            let error = (actual - rate as f64).abs() / rate as f64;
+            assert!(error < 0.004, "rate {rate}: {actual} ({c:?})");
+            assert!(c.refill_time_ms <= 1000 && c.size >= 1);
+        }
+        assert!(RateLimiter::new(LimiterConfig::per_second(Some(0), None, 0)).is_err());
+    }
+
+    #[test]
+    fn limiter_config_from_rates() {
+        let c = LimiterConfig::per_second(Some(1 << 20), None, 4096);
+        assert_eq!(c.bandwidth.map(|b| b.size), Some(104_858));
+        assert_eq!(c.bandwidth.map(|b| b.one_time_burst), Some(4096));
+        assert!(c.ops.is_none() && !c.is_unlimited());
+        let c = LimiterConfig::per_second(None, Some(100), 0);
+        assert_eq!(c.ops.map(|b| b.rate_per_second()), Some(100));
+        assert!(LimiterConfig::per_second(None, None, 0).is_unlimited());
     }
 
     #[test]
