@@ -4,6 +4,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{splice, SpliceFFlags};
@@ -119,19 +120,63 @@ impl Relay<'_> {
     }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-    // A bigger pipe is only an optimisation; the default 64 KiB also works.
-    let _ = nix::fcntl::fcntl(
-        w.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32),
-    );
-    Ok((r, w))
+/// Empty pipes kept for the next session: creating and growing a pipe costs
+/// more than a short session's whole transfer.
+static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+const PIPES_KEPT: usize = 512;
+
+/// A pipe (read end, write end) that goes back to the pool when known empty.
+struct Pipe(OwnedFd, OwnedFd);
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        if let Some(p) = PIPES.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(p);
+        }
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        // A bigger pipe is only an optimisation; the default 64 KiB also works.
+        let _ = nix::fcntl::fcntl(
+            w.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32),
+        );
+        Ok(Pipe(r, w))
+    }
+
+    /// Returns an empty pipe to the pool (a pipe holding data is just closed).
+    fn give_back(self) {
+        let mut pool = PIPES.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < PIPES_KEPT {
+            pool.push(self);
+        }
+    }
+}
+
+/// Holds a pooled pipe for one direction; back to the pool on drop (also
+/// when the session ends this direction early) if no bytes are left inside.
+struct PipeLease {
+    pipe: Option<Pipe>,
+    empty: bool,
+}
+
+impl Drop for PipeLease {
+    fn drop(&mut self) {
+        if let (true, Some(pipe)) = (self.empty, self.pipe.take()) {
+            pipe.give_back();
+        }
+    }
 }
 
 /// Zero-copy: socket -> pipe -> socket, both ends nonblocking under tokio's readiness.
 async fn splice_loop(d: &Direction<'_>, activity: &Activity) -> io::Result<()> {
-    let (pipe_r, pipe_w) = pipe()?;
+    let mut lease = PipeLease {
+        pipe: Some(Pipe::take()?),
+        empty: true,
+    };
+    let Some(Pipe(pipe_r, pipe_w)) = lease.pipe.as_ref() else {
+        return Ok(());
+    };
+    let (pipe_r, pipe_w) = (pipe_r.as_fd(), pipe_w.as_fd());
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let n = loop {
@@ -140,7 +185,7 @@ async fn splice_loop(d: &Direction<'_>, activity: &Activity) -> io::Result<()> {
                 Ok(splice(
                     d.from.as_fd(),
                     None,
-                    pipe_w.as_fd(),
+                    pipe_w,
                     None,
                     PIPE_SIZE,
                     flags,
@@ -154,24 +199,19 @@ async fn splice_loop(d: &Direction<'_>, activity: &Activity) -> io::Result<()> {
         if n == 0 {
             return Ok(());
         }
+        lease.empty = false;
         let mut left = n;
         while left > 0 {
             d.to.writable().await?;
             match d.to.try_io(Interest::WRITABLE, || {
-                Ok(splice(
-                    pipe_r.as_fd(),
-                    None,
-                    d.to.as_fd(),
-                    None,
-                    left,
-                    flags,
-                )?)
+                Ok(splice(pipe_r, None, d.to.as_fd(), None, left, flags)?)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
+        lease.empty = true;
         d.bytes.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
     }
