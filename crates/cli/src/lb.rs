@@ -39,3 +39,25 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .try_init();
     lb::run_file(&args.config).with_context(|| format!("oxvirt lb -c {shown}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_file(text: &str) -> u8 {
+        let dir = std::env::temp_dir().join(format!("oxvirt-lb-t-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("lb.conf");
+        std::fs::write(&config, text).unwrap();
+        let code = run(Args { config, test: true }).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        code
+    }
+
+    #[test]
+    fn dash_t_exits_zero_on_a_good_file_and_one_on_errors() {
+        assert_eq!(test_file("stream { server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; } }"), 0);
+        assert_eq!(test_file("stream {\n server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; ssl_preread on; }\n}\n"), 1);
+        assert_eq!(test_file("stream {"), 1);
+    }
+}
