@@ -175,6 +175,16 @@ fn print_json(text: serde_json::Result<String>) -> Result<()> {
     Ok(())
 }
 
+/// A flat JSON object with its keys in the given order, as qemu-img
+/// prints them.
+fn print_object(fields: &[(&str, serde_json::Value)]) {
+    let lines: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("    \"{k}\": {v}"))
+        .collect();
+    println!("{{\n{}\n}}", lines.join(",\n"));
+}
+
 fn json_output(o: &Opts) -> Result<bool> {
     match o.value("output").unwrap_or("human") {
         "human" => Ok(false),
@@ -255,35 +265,30 @@ fn check(args: &[String]) -> Result<u8> {
         }
     };
     if json {
-        print_check_json(&file, &r)?;
+        print_check_json(&file, &r);
     } else {
         print_check_human(&r, o.has("q"));
     }
     Ok(check_status(&r))
 }
 
-fn print_check_json(file: &Path, r: &CheckResult) -> Result<()> {
-    let mut m = serde_json::Map::new();
-    m.insert("image-end-offset".into(), r.image_end_offset.into());
-    m.insert("total-clusters".into(), r.total_clusters.into());
-    m.insert("check-errors".into(), r.check_errors.into());
-    for (k, v) in [
-        ("leaks", r.leaks),
-        ("corruptions", r.corruptions),
-        ("leaks-fixed", r.leaks_fixed),
-        ("corruptions-fixed", r.corruptions_fixed),
-    ] {
-        if v > 0 {
-            m.insert(k.into(), v.into());
-        }
-    }
-    m.insert("allocated-clusters".into(), r.allocated_clusters.into());
-    m.insert("filename".into(), file.display().to_string().into());
-    m.insert("format".into(), "qcow2".into());
-    m.insert("fragmented-clusters".into(), r.fragmented_clusters.into());
-    m.insert("compressed-clusters".into(), r.compressed_clusters.into());
-    print_json(serde_json::to_string_pretty(&m))?;
-    Ok(())
+/// qemu-img leaves out the counters that are zero (check-errors aside).
+fn print_check_json(file: &Path, r: &CheckResult) {
+    let nonzero = |k: &'static str, v: u64| (v > 0).then(|| (k, serde_json::Value::from(v)));
+    let mut f: Vec<(&str, serde_json::Value)> = Vec::new();
+    f.extend(nonzero("image-end-offset", r.image_end_offset));
+    f.extend(nonzero("total-clusters", r.total_clusters));
+    f.push(("check-errors", r.check_errors.into()));
+    f.extend(nonzero("leaks", r.leaks));
+    f.extend(nonzero("corruptions", r.corruptions));
+    f.extend(nonzero("leaks-fixed", r.leaks_fixed));
+    f.extend(nonzero("corruptions-fixed", r.corruptions_fixed));
+    f.extend(nonzero("allocated-clusters", r.allocated_clusters));
+    f.push(("filename", file.display().to_string().into()));
+    f.push(("format", "qcow2".into()));
+    f.extend(nonzero("fragmented-clusters", r.fragmented_clusters));
+    f.extend(nonzero("compressed-clusters", r.compressed_clusters));
+    print_object(&f);
 }
 
 fn print_check_human(r: &CheckResult, quiet: bool) {
@@ -560,13 +565,13 @@ fn measure(args: &[String]) -> Result<u8> {
         None => false,
     };
     if json_output(&o)? {
-        let mut map = serde_json::Map::new();
-        map.insert("required".into(), m.required.into());
-        map.insert("fully-allocated".into(), m.fully_allocated.into());
+        let mut f: Vec<(&str, serde_json::Value)> = Vec::new();
         if qcow_source && out_format == Format::Qcow2 {
-            map.insert("bitmaps".into(), 0.into());
+            f.push(("bitmaps", 0.into()));
         }
-        print_json(serde_json::to_string_pretty(&map))?;
+        f.push(("required", m.required.into()));
+        f.push(("fully-allocated", m.fully_allocated.into()));
+        print_object(&f);
     } else {
         println!(
             "required size: {}\nfully allocated size: {}",

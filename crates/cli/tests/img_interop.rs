@@ -2,129 +2,11 @@
 //! makes read back identical through oxvirt; images oxvirt makes pass
 //! `qemu-img check` and `qemu-img compare`. Exit codes match qemu-img's.
 
+mod img_util;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-const OX: &str = env!("CARGO_BIN_EXE_oxvirt");
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> TempDir {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let p = std::env::temp_dir().join(format!(
-        "oxvirt-img-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
-}
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: qemu-img is not installed (scripts/setup.sh installs qemu-utils)");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
-
-fn ox(args: &[&str]) -> Output {
-    let mut full = vec!["img"];
-    full.extend_from_slice(args);
-    run(OX, &full)
-}
-
-fn ok(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A deterministic raw image with scattered data extents and holes.
-fn make_source(path: &Path, size: usize) {
-    let mut data = vec![0u8; size];
-    let mut x: u32 = 12345;
-    let mut at = 0;
-    while at < size {
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        let len = (x as usize % 200_000).min(size - at);
-        if x % 3 != 0 {
-            for (i, b) in data[at..at + len].iter_mut().enumerate() {
-                // Half compressible text, half noise.
-                *b = if x % 2 == 0 {
-                    (i % 61) as u8 + 32
-                } else {
-                    (x.wrapping_mul(i as u32 + 7) >> 13) as u8
-                };
-            }
-        }
-        at += len + (x as usize % 300_000);
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(s(img));
-    ok(run("qemu-io", &args), "qemu-io");
-}
-
-/// qemu-img's reading of `img` (as raw) equals oxvirt's, byte for byte.
-fn assert_reads_same(dir: &Path, img: &Path) {
-    let theirs = dir.join("theirs.raw");
-    let ours = dir.join("ours.raw");
-    ok(
-        run("qemu-img", &["convert", "-O", "raw", s(img), s(&theirs)]),
-        "qemu-img convert",
-    );
-    ok(
-        ox(&["convert", "-O", "raw", s(img), s(&ours)]),
-        "oxvirt convert",
-    );
-    assert!(
-        std::fs::read(&theirs).unwrap() == std::fs::read(&ours).unwrap(),
-        "{}: contents differ",
-        img.display()
-    );
-    ok(ox(&["compare", s(img), s(&theirs)]), "oxvirt compare");
-}
+use img_util::*;
 
 const QEMU_OPTIONS: &[&str] = &[
     "compat=0.10",
@@ -515,13 +397,6 @@ fn info_json_matches_qemu() {
     assert_eq!(v.as_array().map(Vec::len), Some(2));
 }
 
-/// Patches bytes of a file in place.
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
-
 fn fresh_with_data(d: &Path) -> PathBuf {
     let src = d.join("src.raw");
     make_source(&src, 2 << 20);
@@ -554,6 +429,11 @@ fn check_exit_codes_and_repair() {
     let json = ox(&["check", "--output=json", s(&img)]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["leaks"], 1);
+    let theirs = run("qemu-img", &["check", "--output=json", s(&img)]);
+    assert_eq!(
+        v,
+        serde_json::from_slice::<serde_json::Value>(&theirs.stdout).unwrap()
+    );
     assert_eq!(
         ox(&["check", "-r", "leaks", s(&img)]).status.code(),
         Some(0)

@@ -232,15 +232,14 @@ impl Sparse {
             return Ok(0);
         }
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        if !tables.contains_key(&gt_sector) {
+        if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(gt_sector) {
             let mut raw = vec![0u8; self.gtes_per_gt as usize * 4];
             self.disk.read_meta(
                 &mut raw,
                 u64::from(gt_sector) * SECTOR,
                 &format!("grain table {gd}"),
             )?;
-            tables.insert(
-                gt_sector,
+            e.insert(
                 (0..self.gtes_per_gt as usize)
                     .map(|i| le32(&raw, i * 4))
                     .collect(),

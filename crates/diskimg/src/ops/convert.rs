@@ -124,7 +124,7 @@ fn create_target(dest: &Path, opts: &ConvertOptions, size: u64) -> Result<()> {
 /// through qcow2's compressed-cluster writes.
 enum Target {
     Plain(Box<dyn BlockDevice>),
-    Compressed(Qcow2),
+    Compressed(Box<Qcow2>),
 }
 
 fn copy(
@@ -135,12 +135,14 @@ fn copy(
 ) -> Result<()> {
     let mut chain = Chain::new();
     let target = match opts.out_format {
-        Format::Qcow2 if opts.compress => Target::Compressed(chain.open_qcow2(dest, false)?),
+        Format::Qcow2 if opts.compress => {
+            Target::Compressed(Box::new(chain.open_qcow2(dest, false)?))
+        }
         fmt => Target::Plain(chain.open(dest, false, Some(fmt))?),
     };
     let dev: &dyn BlockDevice = match &target {
         Target::Plain(d) => d.as_ref(),
-        Target::Compressed(q) => q,
+        Target::Compressed(q) => q.as_ref(),
     };
     if dev.size() < src.size {
         return Err(Error::Usage(format!(

@@ -115,12 +115,6 @@ fn scan(q: &Qcow2, st: &mut State) -> Result<Scan> {
     count_refcount_structure(q, st, &mut s)?;
     compare(q, st, &mut s)?;
     check_copied(q, st, &mut s)?;
-    let highest = s
-        .counted
-        .iter()
-        .rposition(|&n| n > 0)
-        .map_or(0, |c| c as u64 + 1);
-    s.result.image_end_offset = highest * cs;
     Ok(s)
 }
 
@@ -133,7 +127,7 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
         if l2 == 0 {
             continue;
         }
-        if l2 % cs != 0 || l2 >= s.file_len {
+        if !l2.is_multiple_of(cs) || l2 >= s.file_len {
             s.result.corruptions += 1;
             s.result.messages.push(format!("ERROR l2_offset={l2:x}: L2 table is not cluster aligned or lies beyond the end of the file; L1 entry {index} corrupted"));
             continue;
@@ -170,7 +164,7 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
             if host == 0 {
                 continue;
             }
-            if host % cs != 0 {
+            if !host.is_multiple_of(cs) {
                 s.result.corruptions += 1;
                 s.result.messages.push(format!("ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."));
                 continue;
@@ -249,6 +243,10 @@ fn compare(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
     for c in 0..nb {
         let stored = st.refs.get(q.disk(), c).unwrap_or(0);
         let counted = s.counted.get(c as usize).copied().unwrap_or(0);
+        // As QEMU: the image ends after the last cluster counted or stored.
+        if stored > 0 || counted > 0 {
+            s.result.image_end_offset = (c + 1) * q.cluster_size();
+        }
         if stored == counted {
             continue;
         }

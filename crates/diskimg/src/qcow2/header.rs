@@ -314,7 +314,7 @@ impl Header {
     fn check_layout(&self, path: &Path, file_len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let aligned = |field: &str, off: u64| -> Result<()> {
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(invalid(
                     path,
                     field,

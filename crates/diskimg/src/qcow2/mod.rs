@@ -194,7 +194,7 @@ impl Qcow2 {
     ) -> Result<T> {
         let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
         if !cache.contains_key(&offset) {
-            if offset % self.cluster_size() != 0 {
+            if !offset.is_multiple_of(self.cluster_size()) {
                 return Err(corrupt(
                     &self.disk.path,
                     format!("L2 table offset 0x{offset:x} is not cluster aligned"),
@@ -258,7 +258,7 @@ impl Qcow2 {
             return Ok((Map::Compressed(e), max));
         }
         let host = e & OFFSET_MASK;
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(corrupt(&self.disk.path, format!("L2 entry for guest offset {guest}: data offset 0x{host:x} is not cluster aligned")));
         }
         if !self.ext_l2 {
@@ -549,7 +549,7 @@ impl Qcow2 {
         let mut g = offset;
         while g < end {
             let n = (end - g).min(cs - g % cs);
-            let whole = g % cs == 0 && (n == cs || g + n == st.header.size);
+            let whole = g.is_multiple_of(cs) && (n == cs || g + n == st.header.size);
             f(self, st, g, n, whole)?;
             g += n;
         }
@@ -587,7 +587,7 @@ impl Qcow2 {
         let slot = self.slot_for_write(&mut st, guest)?;
         let len = data.len() as u64;
         let end = st.compressed_end;
-        let shared = end % cs != 0
+        let shared = !end.is_multiple_of(cs)
             && end % cs + len <= cs
             && st.refs.get(&self.disk, end / cs)? < st.refs.max();
         let offset = if shared {

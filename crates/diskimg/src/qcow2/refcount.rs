@@ -101,7 +101,7 @@ impl Refcounts {
             return Ok(0);
         };
         let off = entry & OFFSET_MASK;
-        if off % self.cluster_size() != 0 {
+        if !off.is_multiple_of(self.cluster_size()) {
             return Err(corrupt(
                 &disk.path,
                 format!("refcount table entry {t}: block offset 0x{off:x} is not cluster aligned"),

@@ -47,7 +47,7 @@ pub fn read_table(
         let mut rest = vec![0u8; extra_len + id_len + name_len];
         disk.read_meta(&mut rest, at + 40, &format!("snapshot {i} names"))?;
         let l1_table_offset = be64_at(&fixed, 0);
-        if l1_table_offset % cluster_size != 0 {
+        if !l1_table_offset.is_multiple_of(cluster_size) {
             return Err(invalid(
                 path,
                 &format!("snapshot {i} l1_table_offset"),
