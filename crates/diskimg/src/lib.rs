@@ -7,6 +7,7 @@ mod block;
 mod compress;
 mod disk;
 mod error;
+pub mod fuzzing;
 pub mod image;
 pub mod ops;
 pub mod qcow2;

@@ -17,8 +17,8 @@ use crate::image::resolve_backing;
 const SECTOR: u64 = 512;
 const GD_AT_END: u64 = u64::MAX;
 const FLAG_COMPRESSED: u32 = 1 << 16;
-/// Largest grain accepted (QEMU: 128 MiB worth of sectors).
-const MAX_GRAIN_SECTORS: u64 = 1 << 18;
+/// Largest grain accepted (2 MiB; QEMU writes 64 KiB grains).
+const MAX_GRAIN_SECTORS: u64 = 4096;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
@@ -206,6 +206,13 @@ impl Sparse {
             ));
         }
         let entries = capacity.div_ceil(grain_sectors * gtes_per_gt) as usize;
+        if entries as u64 * 4 > disk.len()? {
+            return Err(invalid(
+                &path,
+                "capacity",
+                format!("{capacity} sectors needs a grain directory larger than the file"),
+            ));
+        }
         let mut raw = vec![0u8; entries * 4];
         disk.read_meta(
             &mut raw,

@@ -5,6 +5,9 @@ use std::path::Path;
 use crate::disk::{be64_at, Disk};
 use crate::error::{invalid, Result};
 
+/// Largest extra data per snapshot entry QEMU accepts.
+const MAX_EXTRA: usize = 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub l1_table_offset: u64,
@@ -42,6 +45,13 @@ pub fn read_table(
         let mut fixed = [0u8; 40];
         disk.read_meta(&mut fixed, at, &format!("snapshot {i} header"))?;
         let extra_len = be32(&fixed, 36) as usize;
+        if extra_len > MAX_EXTRA {
+            return Err(invalid(
+                path,
+                &format!("snapshot {i} extra_data_size"),
+                format!("{extra_len} (at most {MAX_EXTRA})"),
+            ));
+        }
         let id_len = be16(&fixed, 12);
         let name_len = be16(&fixed, 14);
         let mut rest = vec![0u8; extra_len + id_len + name_len];
