@@ -8,6 +8,7 @@
 #
 #   bash bench/lb.sh            # SECS=5 per measurement
 #   SECS=10 bash bench/lb.sh
+#   OXVIRT=path/to/oxvirt LOAD=path/to/lbload bash bench/lb.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
@@ -20,10 +21,13 @@ done
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 [ -e "$STREAM_MODULE" ] || { echo "bench/lb.sh: $STREAM_MODULE missing (libnginx-mod-stream)" >&2; exit 1; }
 
-cargo build --release -q -p oxvirt-cli
-cargo build --release -q -p lb --example lbload
-OXVIRT=$CARGO_TARGET_DIR/release/oxvirt
-LOAD=$CARGO_TARGET_DIR/release/examples/lbload
+# OXVIRT and LOAD may point at binaries built elsewhere (skips the build).
+if [ -z "${OXVIRT:-}" ] || [ -z "${LOAD:-}" ]; then
+    cargo build --release -q -p oxvirt-cli
+    cargo build --release -q -p lb --example lbload
+fi
+OXVIRT=${OXVIRT:-$CARGO_TARGET_DIR/release/oxvirt}
+LOAD=${LOAD:-$CARGO_TARGET_DIR/release/examples/lbload}
 
 work=$(mktemp -d)
 pids=()
@@ -83,7 +87,7 @@ CONF
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode tcp
   timeout connect 5s

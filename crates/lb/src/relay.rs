@@ -181,19 +181,22 @@ async fn splice_loop(d: &Direction<'_>, activity: &Activity) -> io::Result<()> {
     loop {
         let n = loop {
             d.from.readable().await?;
-            match d.from.try_io(Interest::READABLE, || {
-                Ok(splice(
-                    d.from.as_fd(),
-                    None,
-                    pipe_w,
-                    None,
-                    PIPE_SIZE,
-                    flags,
-                )?)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            // A short splice drained the socket: report WouldBlock to tokio so
+            // it clears readiness now, instead of paying one more EAGAIN splice.
+            let mut moved = None;
+            let r = d.from.try_io(Interest::READABLE, || {
+                let n = splice(d.from.as_fd(), None, pipe_w, None, PIPE_SIZE, flags)?;
+                moved = Some(n);
+                if n > 0 && n < PIPE_SIZE {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (r, moved) {
+                (_, Some(n)) => break n,
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Err(e),
+                (Ok(n), None) => break n,
             }
         };
         if n == 0 {
