@@ -1,0 +1,240 @@
+//! The REST+JSON API on the daemon's unix socket (docs/openapi.yaml).
+//! Errors are `{"code", "message", "domain", "field"}` with a matching
+//! HTTP status.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::ManagerError;
+use crate::manager::Manager;
+use crate::settings::{Modify, VcpuPin};
+use crate::tune::{MemTune, SchedInfo};
+
+/// An error as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+struct ApiError(StatusCode, ErrorBody);
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(
+            status,
+            ErrorBody {
+                code: e.code().to_owned(),
+                message: e.to_string(),
+                domain: e.domain().map(str::to_owned),
+                field: e.field().map(str::to_owned),
+            },
+        )
+    }
+}
+
+impl ApiError {
+    fn bad_request(message: String, field: Option<&str>) -> Self {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            ErrorBody { code: "bad_request".into(), message, domain: None, field: field.map(str::to_owned) },
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn ok(value: impl Serialize) -> ApiResult {
+    serde_json::to_value(value)
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, ErrorBody { code: "internal".into(), message: e.to_string(), domain: None, field: None }))
+}
+
+/// Parses a JSON body; an empty body is `{}`.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}"), None))
+}
+
+/// A boolean query flag: `?all`, `?all=true`, `?all=1`.
+fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> {
+    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        if k == key {
+            return match v {
+                "true" | "1" | "" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(ApiError::bad_request(format!("query parameter {key}={v:?}: expected true or false"), Some(key))),
+            };
+        }
+    }
+    Ok(false)
+}
+
+fn modify(query: &Option<String>) -> Result<Modify, ApiError> {
+    Ok(Modify { live: flag(query, "live")?, config: flag(query, "config")? })
+}
+
+/// The API's routes over `manager`.
+pub fn router(manager: Manager) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/domains", get(list).post(define))
+        .route("/v1/run", post(run))
+        .route("/v1/domains/{name}", get(info).delete(undefine))
+        .route("/v1/domains/{name}/state", get(state))
+        .route("/v1/domains/{name}/config", get(config))
+        .route("/v1/domains/{name}/autostart", put(autostart))
+        .route("/v1/domains/{name}/schedinfo", get(schedinfo).put(set_schedinfo))
+        .route("/v1/domains/{name}/memtune", get(memtune).put(set_memtune))
+        .route("/v1/domains/{name}/vcpupin", get(vcpupin).put(set_vcpupin))
+        .route("/v1/domains/{name}/{action}", post(action))
+        .fallback(|| async {
+            ApiError(StatusCode::NOT_FOUND, ErrorBody { code: "no_such_route".into(), message: "no such API route".into(), domain: None, field: None })
+        })
+        .with_state(manager)
+}
+
+async fn version() -> ApiResult {
+    ok(json!({"name": "oxvirtd", "version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
+}
+
+async fn list(State(m): State<Manager>, RawQuery(q): RawQuery) -> ApiResult {
+    ok(m.list(flag(&q, "all")?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefineRequest {
+    config: String,
+    /// The file name the text came from, for error messages.
+    #[serde(default)]
+    origin: Option<String>,
+}
+
+async fn define(State(m): State<Manager>, bytes: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: DefineRequest = body(&bytes)?;
+    let name = m.define(&req.config, req.origin.as_deref().unwrap_or("definition")).await?;
+    Ok((StatusCode::CREATED, ok(m.info(&name)?)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRequest {
+    config: String,
+    #[serde(default)]
+    transient: bool,
+}
+
+async fn run(State(m): State<Manager>, bytes: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: RunRequest = body(&bytes)?;
+    Ok((StatusCode::CREATED, ok(m.run(&req.config, req.transient).await?)?))
+}
+
+async fn info(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.info(&name)?)
+}
+
+async fn undefine(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    m.undefine(&name, flag(&q, "force")?).await?;
+    ok(json!({}))
+}
+
+async fn state(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.state(&name)?)
+}
+
+async fn config(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(json!({"config": m.config_text(&name)?}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutostartRequest {
+    enabled: bool,
+}
+
+async fn autostart(State(m): State<Manager>, Path(name): Path<String>, bytes: Bytes) -> ApiResult {
+    let req: AutostartRequest = body(&bytes)?;
+    m.set_autostart(&name, req.enabled)?;
+    ok(m.info(&name)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionRequest {
+    /// shutdown: seconds the guest gets to power off before the VMM quits.
+    #[serde(default)]
+    timeout_s: Option<u64>,
+}
+
+async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, String)>, bytes: Bytes) -> ApiResult {
+    let req: ActionRequest = body(&bytes)?;
+    match action.as_str() {
+        "start" => return ok(m.start(&name).await?),
+        "shutdown" => m.shutdown(&name, Duration::from_secs(req.timeout_s.unwrap_or(30))).await?,
+        "destroy" => m.destroy(&name).await?,
+        "reboot" => m.reboot(&name).await?,
+        "suspend" => m.suspend(&name).await?,
+        "resume" => m.resume(&name).await?,
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                ErrorBody {
+                    code: "no_such_action".into(),
+                    message: format!("{action:?}: expected start, shutdown, destroy, reboot, suspend or resume"),
+                    domain: Some(name),
+                    field: Some("action".into()),
+                },
+            ))
+        }
+    }
+    ok(m.info(&name)?)
+}
+
+async fn schedinfo(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.schedinfo(&name)?)
+}
+
+async fn set_schedinfo(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+    let change: SchedInfo = body(&bytes)?;
+    ok(m.set_schedinfo(&name, &change, modify(&q)?)?)
+}
+
+async fn memtune(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.memtune(&name)?)
+}
+
+async fn set_memtune(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+    let change: MemTune = body(&bytes)?;
+    ok(m.set_memtune(&name, &change, modify(&q)?)?)
+}
+
+async fn vcpupin(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.vcpupin(&name)?)
+}
+
+async fn set_vcpupin(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+    let pin: VcpuPin = body(&bytes)?;
+    ok(m.set_vcpupin(&name, &pin, modify(&q)?)?)
+}

@@ -1,0 +1,21 @@
+//! oxvirtd, the manager: domain definitions (TOML, one file each), one
+//! `oxvirt vmm` process per running domain, its cgroups, and a REST API on
+//! a unix socket. See docs/manager.md.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod manager;
+pub mod paths;
+pub mod run_spec;
+pub mod server;
+pub mod settings;
+mod supervise;
+pub mod tune;
+pub mod vmm_client;
+
+pub use error::ManagerError;
+pub use manager::{Manager, ManagerOptions};
+pub use supervise::{vmm_args, Exit};
