@@ -13,6 +13,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod vcpu;
 pub mod vcpus;
 pub mod vm;

@@ -1,0 +1,812 @@
+//! The source side: QEMU's pre-copy loop.
+//!
+//! setup → active (a bulk pass over all RAM, zero pages as a flag, then
+//! passes over dirty pages) → device (vCPUs paused, last dirty pages, vCPU
+//! and device state, end of stream) → completed once the destination
+//! confirms. Any failure or cancel before that resumes the guest.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::GuestMemory;
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::params::{Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError, RamStats, XbzrleStats};
+use super::stream::{encode_blob, PageData, RamBatch, SectionKind, Setup, StreamError, StreamWriter};
+use super::transport::{Interrupt, MigrationUri, Outgoing, TransportError};
+use super::xbzrle::{Encoder, Outcome};
+use super::PAGE_SIZE;
+
+/// An error the VMM reports through [`MigratableVm`].
+pub type VmOpError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Dirty pages per memory region: (guest address of the region, one bit
+/// per 4 KiB page, least significant bit first), as `GuestRam::take_dirty_pages`.
+pub type DirtyBitmap = Vec<(u64, Vec<u64>)>;
+
+/// Saved vCPU and device state, taken while the vCPUs are paused.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SavedState {
+    /// One blob per vCPU, in vCPU order.
+    pub vcpus: Vec<Vec<u8>>,
+    /// (name, blob) per device, including VM-wide state (clock, irqchip).
+    pub devices: Vec<(String, Vec<u8>)>,
+}
+
+/// What the engine needs from the VMM.
+pub trait MigratableVm {
+    /// Guest RAM; the engine only reads it.
+    fn memory(&self) -> &GuestMemory;
+    /// Starts or stops dirty tracking (KVM's log on every slot).
+    fn set_dirty_logging(&mut self, enable: bool) -> Result<(), VmOpError>;
+    /// Pages written since the last call (KVM's log ORed with the
+    /// GuestMemory bitmap); both logs are reset.
+    fn take_dirty_pages(&mut self) -> Result<DirtyBitmap, VmOpError>;
+    /// Stops the vCPUs; returns once none runs.
+    fn pause(&mut self);
+    fn resume(&mut self);
+    /// vCPU and device state (disks flushed), called while paused.
+    fn save_state(&mut self) -> Result<SavedState, VmOpError>;
+}
+
+/// Errors of an outgoing migration.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("migration: {what}: {source}")]
+    Vm { what: &'static str, source: VmOpError },
+    #[error("migration: reading guest page {addr:#x}: {problem}")]
+    Memory { addr: u64, problem: String },
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("migration: the destination failed: {0}")]
+    Rejected(String),
+    #[error("migration: return path: {0}")]
+    ReturnPath(String),
+    #[error("migration: multifd channel {channel} failed: {problem}")]
+    Multifd { channel: usize, problem: String },
+}
+
+fn vm_err(what: &'static str) -> impl FnOnce(VmOpError) -> SourceError {
+    move |source| SourceError::Vm { what, source }
+}
+
+/// Shared between the migration thread and the VMM: `query-migrate`,
+/// `migrate_cancel` and the throttle the vCPU threads obey.
+#[derive(Default)]
+pub struct MigrationControl {
+    info: Mutex<MigrationInfo>,
+    cancel: AtomicBool,
+    throttle: AtomicU8,
+    interrupts: Mutex<Vec<Interrupt>>,
+}
+
+/// One slice of vCPU run time for auto-converge (QEMU's 10 ms).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+impl MigrationControl {
+    /// The current `query-migrate` answer.
+    pub fn info(&self) -> MigrationInfo {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// `migrate_cancel`: the engine stops at its next step; blocked socket
+    /// writes are broken.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        for i in self.interrupts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            i.interrupt();
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn add_interrupt(&self, interrupt: Option<Interrupt>) {
+        if let Some(i) = interrupt {
+            if self.cancelled() {
+                i.interrupt();
+            }
+            self.interrupts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(i);
+        }
+    }
+
+    /// Auto-converge's throttle in percent (0: none).
+    pub fn throttle_percentage(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
+    /// How long a vCPU thread sleeps after each [`THROTTLE_SLICE`] it ran,
+    /// so that it runs (100 - throttle)% of the time (QEMU's formula).
+    pub fn throttle_sleep(&self) -> Duration {
+        let pct = f64::from(self.throttle_percentage().min(99));
+        THROTTLE_SLICE.mul_f64(pct / (100.0 - pct))
+    }
+}
+
+/// Where MIGRATION and MIGRATION_PASS events go (name, data).
+pub type Events<'a> = &'a (dyn Fn(&str, Value) + Sync);
+
+/// QEMU's auto-converge trigger: dirtying more than half of what was sent
+/// in a period, twice, raises the throttle.
+#[derive(Debug, Default)]
+pub struct AutoConverge {
+    high: u32,
+}
+
+impl AutoConverge {
+    /// The new throttle after a sync, if it changes.
+    pub fn after_sync(
+        &mut self,
+        dirty_bytes: u64,
+        sent_bytes: u64,
+        current: u8,
+        params: &Parameters,
+    ) -> Option<u8> {
+        if dirty_bytes <= sent_bytes / 2 {
+            return None;
+        }
+        self.high += 1;
+        if self.high < 2 {
+            return None;
+        }
+        self.high = 0;
+        Some(if current == 0 {
+            params.cpu_throttle_initial.min(params.max_cpu_throttle)
+        } else {
+            current
+                .saturating_add(params.cpu_throttle_increment)
+                .min(params.max_cpu_throttle)
+        })
+    }
+}
+
+/// Bandwidth: measured over 100 ms windows, capped at max-bandwidth.
+struct RateMeter {
+    limit: f64,
+    window_start: Instant,
+    window_bytes: u64,
+    window_pages: u64,
+    rate: Option<f64>,
+    pages_per_second: u64,
+}
+
+const WINDOW: Duration = Duration::from_millis(100);
+
+impl RateMeter {
+    fn new(limit: u64) -> Self {
+        RateMeter {
+            limit: limit as f64,
+            window_start: Instant::now(),
+            window_bytes: 0,
+            window_pages: 0,
+            rate: None,
+            pages_per_second: 0,
+        }
+    }
+
+    /// Accounts sent bytes; sleeps while above the limit.
+    fn account(&mut self, bytes: u64, pages: u64) {
+        self.window_bytes += bytes;
+        self.window_pages += pages;
+        let due = self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / self.limit);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= WINDOW {
+            let secs = elapsed.as_secs_f64();
+            self.rate = Some(self.window_bytes as f64 / secs);
+            self.pages_per_second = (self.window_pages as f64 / secs) as u64;
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+            self.window_pages = 0;
+        }
+    }
+}
+
+/// A multifd channel: a thread writing page sections to its connection.
+struct MultifdChannel {
+    tx: SyncSender<Vec<u8>>,
+    thread: JoinHandle<Result<(), StreamError>>,
+}
+
+/// The RAM page channels: the main stream, or the multifd connections.
+enum PageChannels {
+    Main,
+    Multifd(Vec<MultifdChannel>),
+}
+
+/// Pages per shard: a page always travels on the same multifd channel, so
+/// its versions arrive in order.
+const SHARD_PAGES: u64 = 64;
+
+struct Engine<'a> {
+    vm: &'a mut dyn MigratableVm,
+    caps: Capabilities,
+    params: Parameters,
+    control: &'a MigrationControl,
+    events: Events<'a>,
+    main: StreamWriter<Box<dyn Write + Send>>,
+    channels: PageChannels,
+    batches: Vec<RamBatch>,
+    xbzrle: Option<Encoder>,
+    meter: RateMeter,
+    ram: RamStats,
+    page: Vec<u8>,
+    /// Pages of the current pass not sent yet.
+    pending: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+/// Every page of every region, as the bulk pass visits them.
+fn all_pages(memory: &GuestMemory) -> DirtyBitmap {
+    memory
+        .iter()
+        .map(|r| {
+            let pages = r.len() / PAGE_SIZE as u64;
+            let mut words = vec![u64::MAX; pages.div_ceil(64) as usize];
+            if pages % 64 != 0 {
+                if let Some(last) = words.last_mut() {
+                    *last = (1u64 << (pages % 64)) - 1;
+                }
+            }
+            (r.start_addr().0, words)
+        })
+        .collect()
+}
+
+fn count_pages(bitmap: &DirtyBitmap) -> u64 {
+    bitmap
+        .iter()
+        .flat_map(|(_, w)| w.iter())
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+fn merge(into: &mut DirtyBitmap, other: DirtyBitmap) {
+    for ((base, words), (obase, owords)) in into.iter_mut().zip(other) {
+        debug_assert_eq!(*base, obase);
+        for (w, o) in words.iter_mut().zip(owords) {
+            *w |= o;
+        }
+    }
+}
+
+impl<'a> Engine<'a> {
+    fn set_status(&self, status: MigrationStatus) {
+        self.control.update(|i| i.status = status);
+        if self.caps.events {
+            (self.events)("MIGRATION", json!({"status": status.name()}));
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), SourceError> {
+        if self.control.cancelled() {
+            return Err(SourceError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Sends every page set in `bitmap`; `bulk` is the first pass.
+    fn send_pages(&mut self, bitmap: &DirtyBitmap, bulk: bool) -> Result<(), SourceError> {
+        self.pending = count_pages(bitmap);
+        for (base, words) in bitmap {
+            for (wi, &word) in words.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let addr = base + (wi as u64 * 64 + bit) * PAGE_SIZE as u64;
+                    self.send_page(addr, bulk)?;
+                    self.pending -= 1;
+                }
+            }
+        }
+        self.flush_all()
+    }
+
+    fn send_page(&mut self, addr: u64, bulk: bool) -> Result<(), SourceError> {
+        // A private copy: the guest may write the page while it is encoded.
+        self.vm
+            .memory()
+            .read_slice(&mut self.page, GuestAddress(addr))
+            .map_err(|e| SourceError::Memory {
+                addr,
+                problem: e.to_string(),
+            })?;
+        let channel = match &self.channels {
+            PageChannels::Main => 0,
+            PageChannels::Multifd(c) => ((addr / PAGE_SIZE as u64 / SHARD_PAGES) % c.len() as u64) as usize,
+        };
+        let xbzrle = self.xbzrle.as_mut().filter(|_| !bulk);
+        if is_zero(&self.page) {
+            if let Some(x) = xbzrle {
+                x.zero_page(addr);
+            }
+            self.ram.duplicate += 1;
+            self.batches[channel].push(addr, &PageData::Zero);
+        } else {
+            let outcome = match xbzrle {
+                Some(x) => x.save_page(addr, &self.page, self.ram.dirty_sync_count),
+                None => Outcome::Full,
+            };
+            match outcome {
+                Outcome::Unchanged => {}
+                Outcome::Encoded => {
+                    let encoded = self.xbzrle.as_ref().map(Encoder::encoded).unwrap_or_default();
+                    self.batches[channel].push(addr, &PageData::Xbzrle(encoded));
+                }
+                Outcome::Full => {
+                    self.ram.normal += 1;
+                    self.ram.normal_bytes += PAGE_SIZE as u64;
+                    self.batches[channel].push(addr, &PageData::Full(&self.page));
+                }
+            }
+        }
+        if self.batches[channel].is_full() {
+            self.flush(channel)?;
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> Result<(), SourceError> {
+        for channel in 0..self.batches.len() {
+            self.flush(channel)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, channel: usize) -> Result<(), SourceError> {
+        self.check_cancel()?;
+        if self.batches[channel].is_empty() {
+            return Ok(());
+        }
+        let pages = self.batches[channel].pages() as u64;
+        let payload = self.batches[channel].take();
+        let bytes = match &self.channels {
+            PageChannels::Main => self.main.section(SectionKind::Ram, &payload)?,
+            PageChannels::Multifd(c) => {
+                let size = payload.len() as u64 + 9;
+                if c[channel].tx.send(payload).is_err() {
+                    return Err(self.multifd_failure(channel));
+                }
+                size
+            }
+        };
+        self.ram.transferred += bytes;
+        self.meter.account(bytes, pages);
+        self.publish();
+        Ok(())
+    }
+
+    /// The error of a multifd thread that stopped taking batches.
+    fn multifd_failure(&mut self, channel: usize) -> SourceError {
+        let PageChannels::Multifd(channels) = std::mem::replace(&mut self.channels, PageChannels::Main) else {
+            return SourceError::Multifd {
+                channel,
+                problem: "not a multifd migration".into(),
+            };
+        };
+        let mut problem = "channel closed".to_string();
+        for (i, c) in channels.into_iter().enumerate() {
+            drop(c.tx);
+            if let (true, Ok(Err(e))) = (i == channel, c.thread.join()) {
+                problem = e.to_string();
+            }
+        }
+        SourceError::Multifd { channel, problem }
+    }
+
+    /// Ends every multifd channel and waits for its thread.
+    fn finish_multifd(&mut self) -> Result<(), SourceError> {
+        let PageChannels::Multifd(channels) = std::mem::replace(&mut self.channels, PageChannels::Main) else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        for (channel, c) in channels.into_iter().enumerate() {
+            drop(c.tx);
+            let outcome = c.thread.join().unwrap_or_else(|_| {
+                Err(StreamError::Truncated {
+                    offset: 0,
+                    what: "multifd thread panicked".into(),
+                })
+            });
+            if let (Err(e), Ok(())) = (outcome, &result) {
+                result = Err(SourceError::Multifd {
+                    channel,
+                    problem: e.to_string(),
+                });
+            }
+        }
+        result
+    }
+
+    fn bandwidth(&self, active_since: Instant) -> f64 {
+        self.meter.rate.unwrap_or_else(|| {
+            self.ram.transferred as f64 / active_since.elapsed().as_secs_f64().max(1e-3)
+        })
+    }
+
+    fn publish(&self) {
+        let mut ram = self.ram;
+        ram.remaining = self.pending * PAGE_SIZE as u64;
+        ram.pages_per_second = self.meter.pages_per_second;
+        let xbzrle = self.xbzrle.as_ref().map(|x| {
+            let c = x.counters;
+            XbzrleStats {
+                cache_size: self.params.xbzrle_cache_size,
+                bytes: c.bytes,
+                pages: c.pages,
+                cache_miss: c.cache_miss,
+                cache_miss_rate: if c.lookups == 0 { 0.0 } else { c.cache_miss as f64 / c.lookups as f64 },
+                encoding_rate: if c.bytes == 0 { 0.0 } else { (c.pages * PAGE_SIZE as u64) as f64 / c.bytes as f64 },
+                overflow: c.overflow,
+            }
+        });
+        let throttle = self.control.throttle_percentage();
+        self.control.update(|i| {
+            i.ram = Some(ram);
+            i.xbzrle_cache = xbzrle;
+            i.cpu_throttle_percentage = (throttle > 0).then_some(throttle);
+        });
+    }
+
+    /// The pre-copy loop; returns the dirty pages not sent yet.
+    fn iterate(&mut self) -> Result<DirtyBitmap, SourceError> {
+        let active_since = Instant::now();
+        let bulk = all_pages(self.vm.memory());
+        self.send_pages(&bulk, true)?;
+        let mut auto = AutoConverge::default();
+        let mut last_sync = Instant::now();
+        let mut sent_at_sync = self.ram.transferred;
+        loop {
+            let dirty = self.vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+            self.ram.dirty_sync_count += 1;
+            let dirty_pages = count_pages(&dirty);
+            let period = last_sync.elapsed().as_secs_f64().max(1e-3);
+            self.ram.dirty_pages_rate = (dirty_pages as f64 / period) as u64;
+            last_sync = Instant::now();
+            let bandwidth = self.bandwidth(active_since);
+            self.ram.mbps = bandwidth * 8.0 / 1e6;
+            let remaining = dirty_pages * PAGE_SIZE as u64;
+            let expected_ms = (remaining as f64 / bandwidth * 1000.0) as u64;
+            self.control.update(|i| i.expected_downtime = Some(expected_ms));
+            self.pending = dirty_pages;
+            self.publish();
+            if self.caps.events {
+                (self.events)("MIGRATION_PASS", json!({"pass": self.ram.dirty_sync_count}));
+            }
+            tracing::debug!(pass = self.ram.dirty_sync_count, dirty_pages, bandwidth, "migration pass");
+            if expected_ms <= self.params.downtime_limit {
+                return Ok(dirty);
+            }
+            if self.caps.auto_converge {
+                let sent = self.ram.transferred - sent_at_sync;
+                let current = self.control.throttle_percentage();
+                if let Some(t) = auto.after_sync(remaining, sent, current, &self.params) {
+                    tracing::info!(throttle = t, "migration auto-converge throttle");
+                    self.control.throttle.store(t, Ordering::Relaxed);
+                }
+            }
+            sent_at_sync = self.ram.transferred;
+            self.send_pages(&dirty, false)?;
+        }
+    }
+
+    /// Paused: the last pages, the state, the end of stream.
+    fn complete(&mut self, mut rest: DirtyBitmap) -> Result<(), SourceError> {
+        let last = self.vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+        merge(&mut rest, last);
+        self.ram.dirty_sync_count += 1;
+        self.send_pages(&rest, false)?;
+        self.finish_multifd()?;
+        let state = self.vm.save_state().map_err(vm_err("saving vCPU and device state"))?;
+        for (index, blob) in state.vcpus.iter().enumerate() {
+            self.main.section(SectionKind::Vcpu, &encode_blob(&index.to_string(), blob))?;
+        }
+        for (name, blob) in &state.devices {
+            self.main.section(SectionKind::Device, &encode_blob(name, blob))?;
+        }
+        self.main.section(SectionKind::End, &[])?;
+        self.main.flush()?;
+        self.pending = 0;
+        self.publish();
+        Ok(())
+    }
+}
+
+/// Reads the destination's verdict: "OK", or "ER" and a message.
+fn await_confirmation(mut rp: Box<dyn Read + Send>) -> Result<(), SourceError> {
+    let mut head = [0u8; 2];
+    rp.read_exact(&mut head).map_err(|e| {
+        SourceError::ReturnPath(format!("the destination closed the connection without confirming ({e})"))
+    })?;
+    match &head {
+        b"OK" => Ok(()),
+        b"ER" => {
+            let mut message = Vec::new();
+            let _ = rp.take(4096).read_to_end(&mut message);
+            Err(SourceError::Rejected(String::from_utf8_lossy(&message).into_owned()))
+        }
+        other => Err(SourceError::ReturnPath(format!("unexpected reply {other:02x?}"))),
+    }
+}
+
+/// Opens the multifd connections, each with its setup section.
+fn open_multifd(
+    uri: &MigrationUri,
+    setup: Setup,
+    control: &MigrationControl,
+) -> Result<(Vec<MultifdChannel>, Vec<Outgoing>), SourceError> {
+    let mut channels = Vec::new();
+    let mut conns = Vec::new();
+    for channel in 1..=setup.multifd_channels {
+        let conn = Outgoing::connect_extra(uri)?;
+        control.add_interrupt(conn.interrupt());
+        let writer = conn.writer().map_err(|source| TransportError::Io {
+            uri: uri.to_string(),
+            what: "multifd connection",
+            source,
+        })?;
+        let mut stream = StreamWriter::new(writer)?;
+        stream.section(SectionKind::Setup, &Setup { channel, ..setup }.encode())?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(2);
+        let thread = std::thread::Builder::new()
+            .name(format!("multifd-{channel}"))
+            .spawn(move || {
+                for payload in rx {
+                    stream.section(SectionKind::Ram, &payload)?;
+                }
+                stream.section(SectionKind::End, &[])?;
+                stream.flush()
+            })
+            .map_err(|source| TransportError::Io {
+                uri: uri.to_string(),
+                what: "starting a multifd thread",
+                source,
+            })?;
+        channels.push(MultifdChannel { tx, thread });
+        conns.push(conn);
+    }
+    Ok((channels, conns))
+}
+
+/// Migrates the VM to `uri`. On success the guest stays paused (it runs on
+/// the destination now); on any error it runs again here, as before.
+pub fn migrate(
+    vm: &mut dyn MigratableVm,
+    uri: &MigrationUri,
+    caps: Capabilities,
+    params: Parameters,
+    control: &MigrationControl,
+    events: Events,
+) -> Result<(), SourceError> {
+    caps.validate()?;
+    params.validate()?;
+    let start = Instant::now();
+    control.cancel.store(false, Ordering::SeqCst);
+    control.throttle.store(0, Ordering::Relaxed);
+    control.interrupts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    control.update(|i| *i = MigrationInfo::default());
+    let mut paused = false;
+    let mut extra = Vec::new();
+    let mut conn = None;
+    let result = run(vm, uri, caps, params, control, events, start, &mut paused, &mut conn, &mut extra);
+    control.throttle.store(0, Ordering::Relaxed);
+    let logging_off = vm.set_dirty_logging(false);
+    match result {
+        Ok(downtime) => {
+            if let Err(e) = logging_off {
+                tracing::warn!("migration completed; turning dirty logging off failed: {e}");
+            }
+            control.update(|i| {
+                i.status = MigrationStatus::Completed;
+                i.total_time = Some(start.elapsed().as_millis() as u64);
+                i.downtime = Some(downtime.as_millis() as u64);
+                i.cpu_throttle_percentage = None;
+            });
+            if caps.events {
+                events("MIGRATION", json!({"status": "completed"}));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let e = match (&e, &conn) {
+                (SourceError::Stream(_) | SourceError::Multifd { .. }, Some(c)) => {
+                    c.destination_error().map_or(e, SourceError::Rejected)
+                }
+                _ => e,
+            };
+            for c in extra {
+                Outgoing::abort(c);
+            }
+            if let Some(c) = conn {
+                c.abort();
+            }
+            if paused {
+                vm.resume();
+            }
+            let cancelled = control.cancelled();
+            let status = if cancelled {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            };
+            let e = if cancelled { SourceError::Cancelled } else { e };
+            tracing::warn!("migration to {uri} ended: {e}; the guest keeps running here");
+            control.update(|i| {
+                i.status = status;
+                i.total_time = Some(start.elapsed().as_millis() as u64);
+                i.error_desc = (!cancelled).then(|| e.to_string());
+                i.cpu_throttle_percentage = None;
+            });
+            if caps.events {
+                events("MIGRATION", json!({"status": status.name()}));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The migration up to confirmation; returns the downtime.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    vm: &mut dyn MigratableVm,
+    uri: &MigrationUri,
+    caps: Capabilities,
+    params: Parameters,
+    control: &MigrationControl,
+    events: Events,
+    start: Instant,
+    paused: &mut bool,
+    conn_slot: &mut Option<Outgoing>,
+    extra: &mut Vec<Outgoing>,
+) -> Result<Duration, SourceError> {
+    control.update(|i| i.status = MigrationStatus::Setup);
+    if caps.events {
+        events("MIGRATION", json!({"status": "setup"}));
+    }
+    let conn = conn_slot.insert(Outgoing::connect(uri)?);
+    control.add_interrupt(conn.interrupt());
+    let io = |what| {
+        let uri = uri.to_string();
+        move |source| TransportError::Io { uri, what, source }
+    };
+    let writer = conn.writer().map_err(io("opening the stream"))?;
+    let return_path = conn.return_path().map_err(io("opening the return path"))?;
+    let multifd_channels = if caps.multifd { params.multifd_channels } else { 0 };
+    let ram_total: u64 = vm.memory().iter().map(|r| r.len()).sum();
+    let setup = Setup {
+        channel: 0,
+        multifd_channels,
+        ram_total,
+        page_size: PAGE_SIZE as u32,
+    };
+    let mut main = StreamWriter::new(writer)?;
+    main.section(SectionKind::Setup, &setup.encode())?;
+    main.flush()?;
+    let channels = if caps.multifd {
+        let (channels, conns) = open_multifd(uri, setup, control)?;
+        *extra = conns;
+        PageChannels::Multifd(channels)
+    } else {
+        PageChannels::Main
+    };
+    let batches = (0..multifd_channels.max(1)).map(|_| RamBatch::default()).collect();
+    vm.set_dirty_logging(true).map_err(vm_err("starting dirty logging"))?;
+    // Start from a clean log: the bulk pass sends everything written so far.
+    vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+    let mut engine = Engine {
+        vm,
+        caps,
+        params,
+        control,
+        events,
+        main,
+        channels,
+        batches,
+        xbzrle: caps.xbzrle.then(|| Encoder::new(params.xbzrle_cache_size)),
+        meter: RateMeter::new(params.max_bandwidth),
+        ram: RamStats {
+            total: ram_total,
+            ..RamStats::default()
+        },
+        page: vec![0; PAGE_SIZE],
+        pending: 0,
+    };
+    control.update(|i| i.setup_time = Some(start.elapsed().as_millis() as u64));
+    engine.set_status(MigrationStatus::Active);
+    let rest = engine.iterate()?;
+    engine.set_status(MigrationStatus::Device);
+    let paused_at = Instant::now();
+    engine.vm.pause();
+    *paused = true;
+    engine.complete(rest)?;
+    drop(engine);
+    match return_path {
+        Some(rp) => await_confirmation(rp)?,
+        None => conn_slot.take().map_or(Ok(()), |c| c.finish(uri))?,
+    }
+    Ok(paused_at.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_converge_follows_qemus_steps() {
+        let params = Parameters {
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 30,
+            max_cpu_throttle: 75,
+            ..Parameters::default()
+        };
+        let mut auto = AutoConverge::default();
+        // Converging periods never throttle.
+        assert_eq!(auto.after_sync(10, 100, 0, &params), None);
+        assert_eq!(auto.after_sync(50, 100, 0, &params), None);
+        // Two non-converging periods: initial.
+        assert_eq!(auto.after_sync(51, 100, 0, &params), None);
+        assert_eq!(auto.after_sync(90, 100, 0, &params), Some(20));
+        assert_eq!(auto.after_sync(90, 100, 20, &params), None);
+        assert_eq!(auto.after_sync(90, 100, 20, &params), Some(50));
+        auto.after_sync(90, 100, 50, &params);
+        assert_eq!(auto.after_sync(90, 100, 50, &params), Some(75), "capped at max-cpu-throttle");
+    }
+
+    #[test]
+    fn throttle_sleep_is_the_throttled_share_of_a_slice() {
+        let control = MigrationControl::default();
+        assert_eq!(control.throttle_sleep(), Duration::ZERO);
+        control.throttle.store(50, Ordering::Relaxed);
+        assert_eq!(control.throttle_sleep(), Duration::from_millis(10));
+        control.throttle.store(99, Ordering::Relaxed);
+        assert_eq!(control.throttle_sleep(), Duration::from_millis(990));
+    }
+
+    #[test]
+    fn bitmaps_count_and_merge() {
+        let mut a: DirtyBitmap = vec![(0, vec![0b101, 0]), (1 << 30, vec![1])];
+        merge(&mut a, vec![(0, vec![0b010, 1 << 63]), (1 << 30, vec![0])]);
+        assert_eq!(a, vec![(0, vec![0b111, 1 << 63]), (1 << 30, vec![1])]);
+        assert_eq!(count_pages(&a), 5);
+    }
+
+    #[test]
+    fn rate_meter_holds_the_limit() {
+        let mut meter = RateMeter::new(10 << 20);
+        let start = Instant::now();
+        for _ in 0..8 {
+            meter.account(256 << 10, 64);
+        }
+        // 2 MiB at 10 MiB/s takes at least 200 ms.
+        assert!(start.elapsed() >= Duration::from_millis(195), "{:?}", start.elapsed());
+        let rate = meter.rate.unwrap();
+        assert!(rate < 12.0 * (1 << 20) as f64, "{rate}");
+    }
+}
