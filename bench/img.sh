@@ -5,12 +5,14 @@
 #   bash bench/img.sh                  # 4 GiB image, 1 GiB of data
 #   SIZE_MB=1024 DATA_MB=256 bash bench/img.sh   # quicker
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-4096}
 DATA_MB=${DATA_MB:-1024}
 CHECK_GB=${CHECK_GB:-16}
 IOPS_OPS=${IOPS_OPS:-200000}
-cargo build --release -p oxvirt-cli -p diskimg --example iops >/dev/null
+cargo build --release -p oxvirt-cli >/dev/null
+cargo build --release -p diskimg --example iops >/dev/null
 ox=${CARGO_TARGET_DIR:-target}/release/oxvirt
 iops=${CARGO_TARGET_DIR:-target}/release/examples/iops
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/oxvirt-bench.XXXXXX")

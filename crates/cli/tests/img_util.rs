@@ -131,3 +131,22 @@ pub fn assert_reads_same(dir: &Path, img: &Path) {
     );
     ok(ox(&["compare", s(img), s(&theirs)]), "oxvirt compare");
 }
+
+/// Drops from `ours` the object keys `theirs` lacks, so comparisons hold
+/// against older qemu-img versions (7.2 prints fewer fields than 10).
+pub fn align_to(ours: &mut serde_json::Value, theirs: &serde_json::Value) {
+    match (ours, theirs) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            a.retain(|k, _| b.contains_key(k));
+            for (k, v) in a.iter_mut() {
+                align_to(v, &b[k]);
+            }
+        }
+        (serde_json::Value::Array(a), serde_json::Value::Array(b)) => {
+            for (x, y) in a.iter_mut().zip(b) {
+                align_to(x, y);
+            }
+        }
+        _ => {}
+    }
+}

@@ -4,8 +4,6 @@
 
 use std::time::Instant;
 
-use diskimg::BlockDevice;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, path, ops, mode] = args.as_slice() else {
