@@ -310,3 +310,44 @@ async fn heavy_worker_connections_caps_sessions() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(over, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_next_upstream_tries_and_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = Backend::start("live").await;
+    let (d1, d2, d3) = (free_port(), free_port(), free_port());
+    let (limited, off, unlimited) = (free_port(), free_port(), free_port());
+    let peers = format!(
+        "server 127.0.0.1:{d1} max_fails=0; server 127.0.0.1:{d2} max_fails=0; server 127.0.0.1:{d3} max_fails=0; server {} max_fails=0;",
+        live.addr
+    );
+    let _lb = start(
+        dir.path(),
+        &format!(
+            "stream {{
+  upstream a {{ {peers} }}
+  upstream b {{ {peers} }}
+  upstream c {{ {peers} }}
+  server {{ listen 127.0.0.1:{limited}; proxy_pass a; proxy_next_upstream_tries 2; }}
+  server {{ listen 127.0.0.1:{off}; proxy_pass b; proxy_next_upstream off; }}
+  server {{ listen 127.0.0.1:{unlimited}; proxy_pass c; }}
+}}"
+        ),
+    );
+    // Round robin starts at the first (dead) peer in each upstream.
+    let addr = |p: u16| -> std::net::SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+    assert!(
+        greeting(addr(limited)).await.is_err(),
+        "2 tries cannot reach the 4th peer"
+    );
+    assert!(
+        greeting(addr(off)).await.is_err(),
+        "no retry with proxy_next_upstream off"
+    );
+    assert_eq!(
+        greeting(addr(unlimited)).await.unwrap(),
+        "live",
+        "unlimited tries reach the live peer"
+    );
+    assert_eq!(live.count(), 1);
+}
