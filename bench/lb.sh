@@ -127,6 +127,17 @@ stop_lb() {
     sleep 1
 }
 
+# CPU seconds (user + system) used so far by the balancer and its children
+# (nginx's worker): the per-core figures divide work by this.
+cpu_seconds() {
+    local hz pids
+    hz=$(getconf CLK_TCK)
+    pids="$lb_pid $(pgrep -P "$lb_pid" | tr '\n' ' ')"
+    for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done |
+        awk -v hz="$hz" '{ t += $14 + $15 } END { printf "%.3f", t / hz }'
+}
+per_cpu() { awk -v work="$1" -v secs="$SECS" -v a="$2" -v b="$3" 'BEGIN { c = b - a; if (c > 0) printf "%.3f", work * secs / c; else print "-" }'; }
+
 # wrk's latency figure ("1.23ms", "850.00us", "1.01s") in milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v } else { sub(/s$/,"",v); print v*1000 } }'; }
 
@@ -135,9 +146,14 @@ for lb in oxvirt nginx haproxy; do
     start_lb "$lb"
     load() { taskset -c "$LOAD_CPU" "$LOAD" "$@"; }
     R[$lb,bulk1]=$(load bulk "127.0.0.1:$BULK" 1 "$SECS")
+    c0=$(cpu_seconds)
     R[$lb,bulk64]=$(load bulk "127.0.0.1:$BULK" 64 "$SECS")
+    c1=$(cpu_seconds)
+    R[$lb,bulk64cpu]=$(per_cpu "${R[$lb,bulk64]}" "$c0" "$c1")
     read -r rate failed < <(load conns "127.0.0.1:$WEB" 64 "$SECS")
+    c2=$(cpu_seconds)
     R[$lb,conns]=$rate
+    R[$lb,connscpu]=$(per_cpu "$rate" "$c1" "$c2" | cut -d. -f1)
     R[$lb,failed]=$failed
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${SECS}s" --latency "http://127.0.0.1:$WEB/")
     R[$lb,p50]=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
@@ -153,7 +169,9 @@ row() {
 }
 row "bulk GB/s, 1 connection" bulk1
 row "bulk GB/s, 64 connections" bulk64
+row "  GB per balancer CPU-second" bulk64cpu
 row "short sessions/s (64 conc)" conns
+row "  sessions per CPU-second" connscpu
 row "failed short sessions" failed
 row "wrk p50 latency ms" p50
 row "wrk p99 latency ms" p99
