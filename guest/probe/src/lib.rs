@@ -1,15 +1,19 @@
 //! The probe guest's pure logic, kept apart from the freestanding binary
 //! (`main.rs`) so that it can be unit-tested on the host with hostile
 //! input: the command-line protocol (`params`), the PVH boot information
-//! (`bootinfo`) and the firmware tables that list the CPUs (`firmware`).
+//! (`bootinfo`), the firmware tables that list the CPUs (`firmware`), the
+//! virtio-mmio devices named on the command line (`virtio_mmio`) and the
+//! `blk` workload's data pattern (`blkpattern`).
 //! Everything here reads guest memory through `PhysMem`, which the guest
 //! implements over its identity map and the tests over a byte buffer.
 
 #![cfg_attr(not(test), no_std)]
 
+pub mod blkpattern;
 pub mod bootinfo;
 pub mod firmware;
 pub mod params;
+pub mod virtio_mmio;
 
 /// CPUs the probe can bring up (its per-CPU stacks and TSSs are static).
 pub const MAX_CPUS: usize = 32;

@@ -12,3 +12,4 @@ pub mod lapic;
 mod libc;
 pub mod physmem;
 pub mod tsc;
+pub mod virtio;

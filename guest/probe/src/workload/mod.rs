@@ -5,6 +5,7 @@ pub mod cpu;
 pub mod fault;
 pub mod hello;
 pub mod mem;
+pub mod rng;
 pub mod smp;
 
 use crate::fail;
@@ -24,12 +25,13 @@ const WORKLOADS: &[Workload] = &[
     smp::WORKLOAD,
     mem::WORKLOAD,
     fault::WORKLOAD,
+    rng::WORKLOAD,
 ];
 
 pub fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let Some(workload) = WORKLOADS.iter().find(|w| w.name == params.workload) else {
         return fail!(
-            "unknown workload probe={} (known: hello cpu smp mem fault)",
+            "unknown workload probe={} (known: hello cpu smp mem fault rng)",
             params.workload
         );
     };
