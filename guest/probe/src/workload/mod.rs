@@ -1,6 +1,7 @@
 //! The workloads, one module each, chosen by `probe=<name>`. Each declares
 //! the `probe.<key>` parameters it knows; any other key is an error.
 
+pub mod blk;
 pub mod cpu;
 pub mod fault;
 pub mod hello;
@@ -26,12 +27,13 @@ const WORKLOADS: &[Workload] = &[
     mem::WORKLOAD,
     fault::WORKLOAD,
     rng::WORKLOAD,
+    blk::WORKLOAD,
 ];
 
 pub fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let Some(workload) = WORKLOADS.iter().find(|w| w.name == params.workload) else {
         return fail!(
-            "unknown workload probe={} (known: hello cpu smp mem fault rng)",
+            "unknown workload probe={} (known: hello cpu smp mem fault rng blk)",
             params.workload
         );
     };
