@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod daemon;
 mod img;
 mod lb;
+mod virsh;
 mod vmm;
 
 #[derive(Parser)]
@@ -28,6 +30,10 @@ enum Command {
     Lb(lb::Args),
     /// KVM virtual machine monitor: one VM in the foreground.
     Vmm(vmm::Args),
+    /// The manager daemon (oxvirtd): domains, VMM processes, cgroups, REST API.
+    Daemon(daemon::Args),
+    #[command(flatten)]
+    Virsh(virsh::Verb),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +42,8 @@ fn main() -> ExitCode {
         Command::Img(args) => img::run(args),
         Command::Lb(args) => lb::run(args),
         Command::Vmm(args) => vmm::run(args),
+        Command::Daemon(args) => daemon::run(args),
+        Command::Virsh(verb) => virsh::run(verb),
     };
     match result {
         Ok(code) => ExitCode::from(code),

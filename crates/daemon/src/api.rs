@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::ManagerError;
-use crate::manager::Manager;
+use crate::domain::State as DomainState;
+use crate::manager::{Manager, StateInfo};
 use crate::settings::{Modify, VcpuPin};
 use crate::tune::{MemTune, SchedInfo};
 
@@ -190,13 +191,31 @@ struct ActionRequest {
 
 async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, String)>, bytes: Bytes) -> ApiResult {
     let req: ActionRequest = body(&bytes)?;
-    match action.as_str() {
-        "start" => return ok(m.start(&name).await?),
-        "shutdown" => m.shutdown(&name, Duration::from_secs(req.timeout_s.unwrap_or(30))).await?,
-        "destroy" => m.destroy(&name).await?,
-        "reboot" => m.reboot(&name).await?,
-        "suspend" => m.suspend(&name).await?,
-        "resume" => m.resume(&name).await?,
+    let gone_as = match action.as_str() {
+        "start" => {
+            m.start(&name).await?;
+            "shutdown"
+        }
+        "shutdown" => {
+            m.shutdown(&name, Duration::from_secs(req.timeout_s.unwrap_or(30))).await?;
+            "shutdown"
+        }
+        "destroy" => {
+            m.destroy(&name).await?;
+            "destroyed"
+        }
+        "reboot" => {
+            m.reboot(&name).await?;
+            "shutdown"
+        }
+        "suspend" => {
+            m.suspend(&name).await?;
+            "shutdown"
+        }
+        "resume" => {
+            m.resume(&name).await?;
+            "shutdown"
+        }
         _ => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -208,8 +227,13 @@ async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, St
                 },
             ))
         }
+    };
+    // A transient domain that stopped is gone from the table already.
+    match m.state(&name) {
+        Ok(state) => ok(state),
+        Err(ManagerError::NotFound { .. }) => ok(StateInfo { state: DomainState::ShutOff, reason: gone_as.to_owned() }),
+        Err(e) => Err(e.into()),
     }
-    ok(m.info(&name)?)
 }
 
 async fn schedinfo(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {

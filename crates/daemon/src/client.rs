@@ -119,11 +119,11 @@ impl Client {
     }
 
     /// start, destroy, reboot, suspend or resume.
-    pub async fn action(&self, name: &str, action: &str) -> Result<DomainInfo, ClientError> {
+    pub async fn action(&self, name: &str, action: &str) -> Result<StateInfo, ClientError> {
         self.call(Method::POST, &format!("/v1/domains/{}/{action}", seg(name)), None).await
     }
 
-    pub async fn shutdown(&self, name: &str, timeout: Duration) -> Result<DomainInfo, ClientError> {
+    pub async fn shutdown(&self, name: &str, timeout: Duration) -> Result<StateInfo, ClientError> {
         let body = json!({"timeout_s": timeout.as_secs()});
         self.call(Method::POST, &format!("/v1/domains/{}/shutdown", seg(name)), Some(body)).await
     }

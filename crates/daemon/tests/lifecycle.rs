@@ -136,7 +136,8 @@ fn heavy_running_domains_survive_a_daemon_restart_and_autostart_starts() {
     d.ok(&["destroy", "keeps"]);
     assert_eq!(d.ok(&["domstate", "keeps", "--reason"]), "shut off (destroyed)\n");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.info("auto").pid.unwrap() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    d.wait_state("auto", "shut off", WAIT);
+    // This daemon started it, so it sees the signal.
+    assert_eq!(d.wait_state("auto", "crashed", WAIT).reason, "signal 9");
     assert!(!d.cgroup_dir("cpu", "auto", "").exists());
 
     d.ok(&["autostart", "auto", "--disable"]);

@@ -1,0 +1,404 @@
+//! The virsh-like verbs (`oxvirt list`, `oxvirt start DOM`, ...) and
+//! `oxvirt run`: each one API call to oxvirtd, then printing.
+
+mod print;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use daemon::client::{block_on, Client};
+use daemon::paths::{socket_for_uri, Mode, Paths};
+use daemon::run_spec::RunSpec;
+use daemon::settings::{Modify, VcpuPin};
+use daemon::tune::{MemTune, SchedInfo};
+
+/// Which daemon to talk to.
+#[derive(clap::Args, Clone)]
+pub struct Connect {
+    /// oxvirt:///system, oxvirt:///session or a socket path
+    /// (default: $OXVIRT_DEFAULT_CONNECT_URI, else system for root, session otherwise).
+    #[arg(short = 'c', long = "connect", value_name = "URI")]
+    uri: Option<String>,
+}
+
+impl Connect {
+    fn client(&self) -> anyhow::Result<Client> {
+        let uri = self.uri.clone().or_else(|| std::env::var("OXVIRT_DEFAULT_CONNECT_URI").ok().filter(|u| !u.is_empty()));
+        let socket = match uri {
+            Some(uri) => socket_for_uri(&uri)?,
+            None => Paths::for_mode(Mode::for_current_user())?.socket(),
+        };
+        Ok(Client::new(socket))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Dom {
+    #[command(flatten)]
+    connect: Connect,
+    /// Domain name.
+    domain: String,
+}
+
+#[derive(clap::Args)]
+pub struct DefineArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// The domain's TOML definition.
+    file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct UndefineArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Undefine a running domain too (it keeps running, as a transient domain).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ShutdownArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Seconds the guest gets to power off before the VMM is told to quit.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Inactive domains too.
+    #[arg(long)]
+    all: bool,
+    /// Names only, one per line.
+    #[arg(long)]
+    name: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DomstateArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Also say why.
+    #[arg(long)]
+    reason: bool,
+}
+
+#[derive(clap::Args)]
+pub struct AutostartArgs {
+    #[command(flatten)]
+    dom: Dom,
+    #[arg(long)]
+    disable: bool,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+pub struct ModifyArgs {
+    /// Change the running domain.
+    #[arg(long)]
+    live: bool,
+    /// Change the definition.
+    #[arg(long)]
+    config: bool,
+    /// Both (same as --live --config).
+    #[arg(long)]
+    current: bool,
+}
+
+impl ModifyArgs {
+    fn modify(self) -> Modify {
+        Modify { live: self.live || self.current, config: self.config || self.current }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SchedinfoArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// cpu_shares=N, vcpu_period=US or vcpu_quota=US (-1: no limit); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct MemtuneArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Sizes as virsh takes them: KiB, or with a unit (512M, 1G); -1 lifts the limit.
+    #[arg(long, allow_hyphen_values = true)]
+    hard_limit: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    soft_limit: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    swap_hard_limit: Option<String>,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct VcpupinArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// vCPU number (without it: show every vCPU's pin).
+    vcpu: Option<u32>,
+    /// Host CPUs, e.g. 0,1 or 2-3.
+    cpulist: Option<String>,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Domain name (default: generated).
+    #[arg(long)]
+    name: Option<String>,
+    /// Transient: the domain is forgotten when it stops.
+    #[arg(long)]
+    rm: bool,
+    #[arg(long, value_name = "FILE")]
+    kernel: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    #[arg(long, value_name = "host|pvm-compat")]
+    cpu_profile: Option<String>,
+    /// CPUs the domain may use in all (1.5 = one and a half).
+    #[arg(long)]
+    cpus: Option<String>,
+    #[arg(long)]
+    cpu_shares: Option<u64>,
+    #[arg(long)]
+    cpuset_cpus: Option<String>,
+    #[arg(long)]
+    cpuset_mems: Option<String>,
+    /// Guest RAM and a hard limit of that plus the VMM's overhead.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Guest RAM apart from --memory's limit (overcommit).
+    #[arg(long)]
+    guest_memory: Option<String>,
+    /// Memory plus swap (Docker's rules: unset is twice --memory, -1 unlimited).
+    #[arg(long, allow_hyphen_values = true)]
+    memory_swap: Option<String>,
+    #[arg(long)]
+    memory_reservation: Option<String>,
+    #[arg(long)]
+    pids_limit: Option<u64>,
+    /// Host block device rates: /dev/sda:1mb (repeatable).
+    #[arg(long)]
+    device_read_bps: Vec<String>,
+    #[arg(long)]
+    device_write_bps: Vec<String>,
+    #[arg(long)]
+    device_read_iops: Vec<String>,
+    #[arg(long)]
+    device_write_iops: Vec<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Verb {
+    /// Define a domain from a TOML file.
+    Define(DefineArgs),
+    /// Remove a domain's definition.
+    Undefine(UndefineArgs),
+    /// Start a defined domain.
+    Start(Dom),
+    /// Ask the guest to power off, then stop the VMM.
+    Shutdown(ShutdownArgs),
+    /// Stop a domain at once (kill its VMM).
+    Destroy(Dom),
+    /// Reset the guest.
+    Reboot(Dom),
+    /// Pause the vCPUs.
+    Suspend(Dom),
+    /// Continue a paused domain.
+    Resume(Dom),
+    /// List domains.
+    List(ListArgs),
+    /// Show a domain's details.
+    Dominfo(Dom),
+    /// Show a domain's state.
+    Domstate(DomstateArgs),
+    /// Print a domain's TOML definition.
+    Dumpconfig(Dom),
+    /// Start the domain with the daemon (or not, with --disable).
+    Autostart(AutostartArgs),
+    /// Show or set cpu_shares, vcpu_period, vcpu_quota.
+    Schedinfo(SchedinfoArgs),
+    /// Show or set hard_limit, soft_limit, swap_hard_limit.
+    Memtune(MemtuneArgs),
+    /// Show or set the host CPUs of a vCPU.
+    Vcpupin(VcpupinArgs),
+    /// Create and start a domain with Docker's resource flags.
+    Run(Box<RunArgs>),
+}
+
+pub fn run(verb: Verb) -> anyhow::Result<u8> {
+    match verb {
+        Verb::Define(a) => {
+            let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+            let info = wait(a.connect.client()?.define(&text, &a.file.display().to_string()))?;
+            println!("Domain '{}' defined from {}", info.name, a.file.display());
+        }
+        Verb::Undefine(a) => {
+            wait(a.dom.connect.client()?.undefine(&a.dom.domain, a.force))?;
+            println!("Domain '{}' has been undefined", a.dom.domain);
+        }
+        Verb::Start(d) => lifecycle(&d, "start", "started")?,
+        Verb::Destroy(d) => lifecycle(&d, "destroy", "destroyed")?,
+        Verb::Reboot(d) => lifecycle(&d, "reboot", "is being rebooted")?,
+        Verb::Suspend(d) => lifecycle(&d, "suspend", "suspended")?,
+        Verb::Resume(d) => lifecycle(&d, "resume", "resumed")?,
+        Verb::Shutdown(a) => {
+            let timeout = Duration::from_secs(a.timeout);
+            wait(a.dom.connect.client()?.shutdown(&a.dom.domain, timeout))?;
+            println!("Domain '{}' is being shutdown", a.dom.domain);
+        }
+        Verb::List(a) => {
+            let all = a.all;
+            let domains = wait(a.connect.client()?.list(all))?;
+            print::list(&domains, a.name);
+        }
+        Verb::Dominfo(d) => print::dominfo(&wait(d.connect.client()?.info(&d.domain))?),
+        Verb::Domstate(a) => {
+            let s = wait(a.dom.connect.client()?.state(&a.dom.domain))?;
+            match a.reason {
+                true => println!("{} ({})", s.state, s.reason),
+                false => println!("{}", s.state),
+            }
+        }
+        Verb::Dumpconfig(d) => print!("{}", wait(d.connect.client()?.config(&d.domain))?),
+        Verb::Autostart(a) => {
+            let enabled = !a.disable;
+            wait(a.dom.connect.client()?.set_autostart(&a.dom.domain, enabled))?;
+            match enabled {
+                true => println!("Domain '{}' marked as autostarted", a.dom.domain),
+                false => println!("Domain '{}' unmarked as autostarted", a.dom.domain),
+            }
+        }
+        Verb::Schedinfo(a) => schedinfo(a)?,
+        Verb::Memtune(a) => memtune(a)?,
+        Verb::Vcpupin(a) => vcpupin(a)?,
+        Verb::Run(a) => run_domain(*a)?,
+    }
+    Ok(0)
+}
+
+/// One API call, run to completion.
+fn wait<T>(call: impl std::future::Future<Output = Result<T, daemon::client::ClientError>>) -> anyhow::Result<T> {
+    Ok(block_on(call)??)
+}
+
+fn lifecycle(d: &Dom, action: &'static str, done: &str) -> anyhow::Result<()> {
+    wait(d.connect.client()?.action(&d.domain, action))?;
+    println!("Domain '{}' {done}", d.domain);
+    Ok(())
+}
+
+fn schedinfo(a: SchedinfoArgs) -> anyhow::Result<()> {
+    let change = match a.set.is_empty() {
+        true => None,
+        false => Some(parse_schedinfo(&a.set)?),
+    };
+    let modify = a.modify.modify();
+    let info = wait(a.dom.connect.client()?.schedinfo(&a.dom.domain, change.as_ref(), modify))?;
+    print::schedinfo(&info);
+    Ok(())
+}
+
+fn parse_schedinfo(set: &[String]) -> anyhow::Result<SchedInfo> {
+    let mut info = SchedInfo::default();
+    for item in set {
+        let (key, value) = item.split_once('=').with_context(|| format!("--set {item:?}: expected KEY=VALUE"))?;
+        let bad = |e: std::num::ParseIntError| anyhow::anyhow!("--set {key}={value:?}: {e}");
+        match key {
+            "cpu_shares" => info.cpu_shares = Some(value.parse().map_err(bad)?),
+            "vcpu_period" => info.vcpu_period = Some(value.parse().map_err(bad)?),
+            "vcpu_quota" => info.vcpu_quota = Some(value.parse().map_err(bad)?),
+            _ => anyhow::bail!("--set {key}: expected cpu_shares, vcpu_period or vcpu_quota"),
+        }
+    }
+    Ok(info)
+}
+
+/// A memtune size: -1, KiB (virsh's unit), or a size with a unit.
+fn memtune_size(flag: &str, text: &str) -> anyhow::Result<i64> {
+    if text == "-1" {
+        return Ok(-1);
+    }
+    let bytes = match text.parse::<u64>() {
+        Ok(kib) => kib.checked_mul(1024).context("too large")?,
+        Err(_) => daemon::tune::parse_bytes(text).with_context(|| format!("--{flag}"))?,
+    };
+    i64::try_from(bytes).with_context(|| format!("--{flag} {text}: too large"))
+}
+
+fn memtune(a: MemtuneArgs) -> anyhow::Result<()> {
+    let sizes = [("hard-limit", &a.hard_limit), ("soft-limit", &a.soft_limit), ("swap-hard-limit", &a.swap_hard_limit)];
+    let mut parsed = [None; 3];
+    for (slot, (flag, value)) in parsed.iter_mut().zip(sizes) {
+        *slot = value.as_deref().map(|v| memtune_size(flag, v)).transpose()?;
+    }
+    let change = parsed.iter().any(Option::is_some).then_some(MemTune {
+        hard_limit: parsed[0],
+        soft_limit: parsed[1],
+        swap_hard_limit: parsed[2],
+    });
+    let modify = a.modify.modify();
+    let info = wait(a.dom.connect.client()?.memtune(&a.dom.domain, change.as_ref(), modify))?;
+    print::memtune(&info);
+    Ok(())
+}
+
+fn vcpupin(a: VcpupinArgs) -> anyhow::Result<()> {
+    let pin = match (a.vcpu, a.cpulist) {
+        (Some(vcpu), Some(cpulist)) => Some(VcpuPin { vcpu, cpulist }),
+        (Some(_), None) => anyhow::bail!("vcpupin: give a cpulist after the vCPU number"),
+        _ => None,
+    };
+    let modify = a.modify.modify();
+    let pins = wait(a.dom.connect.client()?.vcpupin(&a.dom.domain, pin.as_ref(), modify))?;
+    print::vcpupin(&pins);
+    Ok(())
+}
+
+fn run_domain(a: RunArgs) -> anyhow::Result<()> {
+    let transient = a.rm;
+    let def = RunSpec {
+        name: a.name,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        vcpus: a.vcpus,
+        cpu_profile: a.cpu_profile,
+        cpus: a.cpus,
+        cpu_shares: a.cpu_shares,
+        cpuset_cpus: a.cpuset_cpus,
+        cpuset_mems: a.cpuset_mems,
+        memory: a.memory,
+        guest_memory: a.guest_memory,
+        memory_swap: a.memory_swap,
+        memory_reservation: a.memory_reservation,
+        pids_limit: a.pids_limit,
+        device_read_bps: a.device_read_bps,
+        device_write_bps: a.device_write_bps,
+        device_read_iops: a.device_read_iops,
+        device_write_iops: a.device_write_iops,
+    }
+    .into_definition()?;
+    let text = def.to_toml()?;
+    let info = wait(a.connect.client()?.run(&text, transient))?;
+    println!("{}", info.name);
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! virsh-shaped output.
+
+use daemon::manager::{DomainInfo, DomainSummary};
+use daemon::settings::VcpuPin;
+use daemon::tune::{MemTune, SchedInfo};
+
+pub fn list(domains: &[DomainSummary], names_only: bool) {
+    if names_only {
+        for d in domains {
+            println!("{}", d.name);
+        }
+        return;
+    }
+    println!(" {:<8} {:<30} {}", "Id", "Name", "State");
+    println!("{}", "-".repeat(50));
+    for d in domains {
+        let id = d.pid.map_or("-".to_owned(), |p| p.to_string());
+        println!(" {id:<8} {:<30} {}", d.name, d.state);
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".to_owned(), |v| v.to_string())
+}
+
+pub fn dominfo(i: &DomainInfo) {
+    let yes_no = |b: bool| if b { "enable" } else { "disable" };
+    println!("{:<16}{}", "Id:", opt(i.pid));
+    println!("{:<16}{}", "Name:", i.name);
+    println!("{:<16}{}", "State:", i.state);
+    println!("{:<16}{}", "Reason:", i.reason);
+    println!("{:<16}{}", "CPU(s):", i.vcpus);
+    if let Some(ns) = i.cpu_time_ns {
+        println!("{:<16}{:.1}s", "CPU time:", ns as f64 / 1e9);
+    }
+    println!("{:<16}{} KiB", "Max memory:", i.memory / 1024);
+    println!("{:<16}{}", "Memory limit:", i.memory_limit.map_or("unlimited".to_owned(), |l| format!("{} KiB", l / 1024)));
+    if let Some(used) = i.memory_usage {
+        println!("{:<16}{} KiB", "Used memory:", used / 1024);
+    }
+    if let Some(oom) = i.oom_kills {
+        println!("{:<16}{}", "OOM kills:", oom);
+    }
+    println!("{:<16}{}", "Persistent:", if i.persistent { "yes" } else { "no" });
+    println!("{:<16}{}", "Autostart:", yes_no(i.autostart));
+    if let Some(code) = i.exit_code {
+        println!("{:<16}{}", "Exit status:", code);
+    }
+    println!("{:<16}{}", "Console log:", i.console_log.display());
+}
+
+pub fn schedinfo(s: &SchedInfo) {
+    println!("{:<15}: posix", "Scheduler");
+    println!("{:<15}: {}", "cpu_shares", opt(s.cpu_shares));
+    println!("{:<15}: {}", "vcpu_period", opt(s.vcpu_period));
+    println!("{:<15}: {}", "vcpu_quota", opt(s.vcpu_quota));
+}
+
+/// virsh prints KiB, and "unlimited" for no limit.
+fn kib(v: Option<i64>) -> String {
+    match v {
+        Some(n) if n >= 0 => (n / 1024).to_string(),
+        _ => "unlimited".to_owned(),
+    }
+}
+
+pub fn memtune(m: &MemTune) {
+    println!("{:<15}: {}", "hard_limit", kib(m.hard_limit));
+    println!("{:<15}: {}", "soft_limit", kib(m.soft_limit));
+    println!("{:<15}: {}", "swap_hard_limit", kib(m.swap_hard_limit));
+}
+
+pub fn vcpupin(pins: &[VcpuPin]) {
+    println!(" {:<6} {}", "VCPU", "CPU Affinity");
+    println!("{}", "-".repeat(22));
+    for p in pins {
+        let list = if p.cpulist.is_empty() { "*" } else { &p.cpulist };
+        println!(" {:<6} {list}", p.vcpu);
+    }
+}
