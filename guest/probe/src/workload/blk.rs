@@ -97,7 +97,7 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
         seed: params.u64("seed", 0, 0, u64::MAX)?,
     };
     let verify = params.flag("verify")?;
-    if bs % SECTOR as u64 != 0 || job.bytes % bs != 0 {
+    if !bs.is_multiple_of(SECTOR as u64) || !job.bytes.is_multiple_of(bs) {
         return fail!("probe.bs={bs} must be a multiple of 512 that divides probe.mib={mib} MiB");
     }
     let clock = Tsc::detect()?;

@@ -1,0 +1,282 @@
+//! The probe's virtio workloads (`blk`, `rng`) on QEMU 7.2 `-M microvm`
+//! virtio-mmio devices (virtio 1.x): data written by the guest is checked
+//! on the host file, by this test and by `qemu-img compare`; data written by
+//! the host is checked by the guest; a read-only disk refuses writes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use oxvirt_probe::blkpattern::{self, SECTOR};
+use testkit::{probe_kernel, require_kvm, require_qemu, run_vm, Microvm, VmRun};
+
+const MIB: usize = 1 << 20;
+/// The disks are larger than what the guest touches, so a write past its
+/// range would show.
+const DISK_MIB: usize = 24;
+const SEED: u64 = 0x5eed_0123_4567;
+
+/// A scratch folder removed when dropped. (Not the `tempfile` crate: its
+/// `bitflags/std` would be unified into the freestanding guest's build.)
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("oxvirt-probe-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the scratch folder");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn prerequisites() -> bool {
+    require_kvm() && require_qemu()
+}
+
+fn boot(vm: Microvm) -> VmRun {
+    run_vm(vm.memory_mib(96).command(), Duration::from_secs(120))
+}
+
+fn vm(cmdline: &str) -> Microvm {
+    Microvm::new(probe_kernel()).cmdline(cmdline)
+}
+
+/// A raw image of `DISK_MIB` MiB: the pattern over the first `pattern_mib`
+/// MiB, zeros after.
+fn image(dir: &TempDir, name: &str, pattern_mib: usize, seed: u64) -> PathBuf {
+    let mut bytes = vec![0; DISK_MIB * MIB];
+    blkpattern::fill(&mut bytes[..pattern_mib * MIB], 0, seed);
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("write the test image");
+    path
+}
+
+fn assert_ok(run: &VmRun) {
+    assert_eq!(run.probe.done, Some(Ok(())), "{}", run.describe());
+    assert_eq!(run.exit_code(), Some(1), "{}", run.describe());
+}
+
+fn assert_fails_with(run: &VmRun, why: &str) {
+    match &run.probe.done {
+        Some(Err(message)) => assert!(message.contains(why), "{message:?}\n{}", run.describe()),
+        other => panic!(
+            "expected a failure with {why:?}, got {other:?}\n{}",
+            run.describe()
+        ),
+    }
+    assert_eq!(run.exit_code(), Some(3), "{}", run.describe());
+}
+
+/// The one `PROBE RESULT blk` line, checked for sane figures.
+fn blk_result(run: &VmRun, requests: f64) -> (f64, f64) {
+    let results: Vec<_> = run.probe.results_of("blk").collect();
+    assert_eq!(results.len(), 1, "{}", run.describe());
+    assert_eq!(
+        results[0].num("requests"),
+        Some(requests),
+        "{}",
+        run.describe()
+    );
+    let mb_s = results[0].num("mb_s").expect("mb_s");
+    let iops = results[0].num("iops").expect("iops");
+    assert!(mb_s > 0.0 && iops > 0.0, "{}", run.describe());
+    (mb_s, iops)
+}
+
+fn qemu_img_compare(a: &Path, b: &Path) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .args([a, b])
+        .output()
+        .expect("run qemu-img compare")
+}
+
+#[test]
+fn heavy_qemu_blk_seqwrite_lands_on_the_host_file() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("seqwrite");
+    let disk = image(&dir, "disk.raw", 0, 0);
+    let run = boot(
+        vm(&format!(
+            "probe=blk probe.mode=seqwrite probe.mib=8 probe.bs=65536 probe.verify=1 probe.seed={SEED}"
+        ))
+        .virtio_disk(&disk, false),
+    );
+    assert_ok(&run);
+    let (mb_s, iops) = blk_result(&run, 128.0);
+    eprintln!("qemu microvm blk seqwrite 64 KiB: {mb_s} MB/s, {iops} IOPS");
+
+    let written = std::fs::read(&disk).unwrap();
+    assert_eq!(blkpattern::check(&written[..8 * MIB], 0, SEED), Ok(()));
+    assert!(
+        written[8 * MIB..].iter().all(|&b| b == 0),
+        "the guest wrote past probe.mib"
+    );
+    let expected = image(&dir, "expected.raw", 8, SEED);
+    let compare = qemu_img_compare(&expected, &disk);
+    assert!(compare.status.success(), "qemu-img compare: {compare:?}");
+    // The comparison itself must be able to fail: one flipped byte.
+    let mut flipped = written;
+    flipped[5 * MIB + 3] ^= 0x40;
+    std::fs::write(&disk, flipped).unwrap();
+    assert!(!qemu_img_compare(&expected, &disk).status.success());
+}
+
+#[test]
+fn heavy_qemu_blk_reads_verify_a_host_written_pattern() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("reads");
+    let disk = image(&dir, "disk.raw", 16, SEED);
+    for (mode, bs, requests) in [("seqread", 1 << 20, 16.0), ("randread", 4096, 4096.0)] {
+        let run = boot(
+            vm(&format!(
+                "probe=blk probe.mode={mode} probe.mib=16 probe.bs={bs} probe.verify=1 probe.seed={SEED}"
+            ))
+            .virtio_disk(&disk, true),
+        );
+        assert_ok(&run);
+        let (mb_s, iops) = blk_result(&run, requests);
+        eprintln!("qemu microvm blk {mode} bs={bs}: {mb_s} MB/s, {iops} IOPS");
+    }
+
+    // A wrong seed, then one corrupted word: the guest names the sector.
+    let run = boot(
+        vm("probe=blk probe.mode=seqread probe.mib=16 probe.verify=1 probe.seed=1")
+            .virtio_disk(&disk, true),
+    );
+    assert_fails_with(&run, "blk verify: sector 0 offset 0");
+    let mut bytes = std::fs::read(&disk).unwrap();
+    bytes[12345 * SECTOR + 64] ^= 1;
+    std::fs::write(&disk, bytes).unwrap();
+    let run = boot(
+        vm(&format!(
+            "probe=blk probe.mode=seqread probe.mib=16 probe.bs=131072 probe.verify=1 probe.seed={SEED}"
+        ))
+        .virtio_disk(&disk, true),
+    );
+    assert_fails_with(&run, "blk verify: sector 12345 offset 64");
+}
+
+#[test]
+fn heavy_qemu_blk_randwrite_reads_back_what_it_wrote() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("randwrite");
+    let disk = image(&dir, "disk.raw", 0, 0);
+    let run = boot(
+        vm(&format!(
+            "probe=blk probe.mode=randwrite probe.mib=4 probe.bs=4096 probe.verify=1 probe.seed={SEED}"
+        ))
+        .virtio_disk(&disk, false),
+    );
+    assert_ok(&run);
+    let (mb_s, iops) = blk_result(&run, 1024.0);
+    eprintln!("qemu microvm blk randwrite 4 KiB: {mb_s} MB/s, {iops} IOPS");
+    // Every 4 KiB block is either untouched (zeros) or holds the pattern,
+    // and random offsets leave some of each.
+    let written = std::fs::read(&disk).unwrap();
+    let blocks = written[..4 * MIB].chunks_exact(4096).enumerate();
+    let (mut patterned, mut zero) = (0, 0);
+    for (index, block) in blocks {
+        if block.iter().all(|&b| b == 0) {
+            zero += 1;
+        } else {
+            assert_eq!(blkpattern::check(block, index as u64 * 8, SEED), Ok(()));
+            patterned += 1;
+        }
+    }
+    assert!(
+        patterned > 512 && zero > 100,
+        "{patterned} written, {zero} untouched"
+    );
+    assert!(written[4 * MIB..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn heavy_qemu_blk_readonly_disk_refuses_writes() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("readonly");
+    let disk = image(&dir, "disk.raw", 2, SEED);
+    let before = std::fs::read(&disk).unwrap();
+    let run =
+        boot(vm("probe=blk probe.mode=seqwrite probe.mib=1 probe.seed=9").virtio_disk(&disk, true));
+    assert_fails_with(&run, "write of 4096 bytes at sector 0 failed: I/O error");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "read-only disk changed"
+    );
+}
+
+#[test]
+fn heavy_qemu_blk_bad_parameters_are_named() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("badparams");
+    let disk = image(&dir, "disk.raw", 0, 0);
+    for (cmdline, why) in [
+        (
+            "probe=blk",
+            "probe.mode=seqwrite|seqread|randwrite|randread is missing",
+        ),
+        (
+            "probe=blk probe.mode=append",
+            "probe.mode=append is not one of",
+        ),
+        (
+            "probe=blk probe.mode=seqread probe.bs=1000",
+            "probe.bs=1000 must be a multiple of 512",
+        ),
+        (
+            "probe=blk probe.mode=seqread probe.mib=25",
+            "needs 51200 sectors, the disk has 49152",
+        ),
+    ] {
+        assert_fails_with(&boot(vm(cmdline).virtio_disk(&disk, false)), why);
+    }
+    // No device announced, and an announced slot that is empty.
+    assert_fails_with(
+        &boot(vm("probe=blk probe.mode=seqread")),
+        "no virtio-mmio Block device among the 0",
+    );
+    assert_fails_with(
+        &boot(vm("probe=blk probe.mode=seqread").virtio_device("virtio-rng-device")),
+        "no virtio-mmio Block device among the 1",
+    );
+    assert_fails_with(
+        &boot(vm(
+            "probe=blk probe.mode=seqread virtio_mmio.device=512@0xfeb00001:5",
+        )),
+        "bad virtio_mmio.device=512@0xfeb00001:5: base is not 4-byte aligned",
+    );
+}
+
+#[test]
+fn heavy_qemu_rng_reads_entropy() {
+    if !prerequisites() {
+        return;
+    }
+    let run = boot(vm("probe=rng probe.bytes=65536").virtio_device("virtio-rng-device"));
+    assert_ok(&run);
+    let rng: Vec<_> = run.probe.results_of("rng").collect();
+    assert_eq!(rng.len(), 1, "{}", run.describe());
+    assert_eq!(rng[0].num("bytes"), Some(65536.0));
+    assert_eq!(rng[0].num("distinct"), Some(256.0), "{}", run.describe());
+}
