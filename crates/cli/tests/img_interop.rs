@@ -596,3 +596,32 @@ fn resize_grow_and_shrink() {
         "compare after shrink",
     );
 }
+
+/// A raw file that is not whole sectors: QEMU rounds sizes up to 512 bytes.
+#[test]
+fn odd_sized_raw_converts_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("odd.raw");
+    std::fs::write(&src, vec![0x61u8; 100_001]).unwrap();
+    for extra in [vec![], vec!["-c"]] {
+        let img = d.join("odd.qcow2");
+        let mut args = vec!["convert"];
+        args.extend(extra.iter().copied());
+        args.extend(["-O", "qcow2", s(&src), s(&img)]);
+        ok(ox(&args), "convert");
+        ok(run("qemu-img", &["check", s(&img)]), "check");
+        ok(
+            run("qemu-img", &["compare", s(&img), s(&src)]),
+            "qemu-img compare",
+        );
+        let v: serde_json::Value = serde_json::from_slice(
+            &ok(run("qemu-img", &["info", "--output=json", s(&img)]), "info").stdout,
+        )
+        .unwrap();
+        assert_eq!(v["virtual-size"], 100_352);
+    }
+}

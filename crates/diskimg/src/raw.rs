@@ -21,7 +21,8 @@ impl Raw {
             .open(path)
             .map_err(io(path))?;
         let disk = Disk::new(file, path);
-        let size = disk.len()?;
+        // As QEMU: a raw disk is whole 512-byte sectors; the tail reads as zeroes.
+        let size = disk.len()?.div_ceil(512) * 512;
         Ok(Raw {
             disk,
             size,
@@ -37,7 +38,7 @@ impl Raw {
             .truncate(true)
             .open(path)
             .map_err(io(path))?;
-        file.set_len(size).map_err(io(path))
+        file.set_len(size.div_ceil(512) * 512).map_err(io(path))
     }
 
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {

@@ -142,6 +142,11 @@ impl CreateOptions {
 /// refcount table cluster, one refcount block, then the L1 table.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    // QEMU rounds every virtual size up to whole 512-byte sectors.
+    let opts = &CreateOptions {
+        size: opts.size.div_ceil(512) * 512,
+        ..opts.clone()
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
