@@ -30,7 +30,12 @@ pub async fn session(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let local = client.local_addr().unwrap_or(listen.addr);
+    // getsockname only when the listen address does not already say it.
+    let local = if listen.addr.ip().is_unspecified() {
+        client.local_addr().unwrap_or(listen.addr)
+    } else {
+        listen.addr
+    };
     let id = shared.next_connection();
     let mut vars = Vars::new(peer, local, false, id);
     let _ = client.set_nodelay(true);
