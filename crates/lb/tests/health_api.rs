@@ -263,3 +263,71 @@ async fn heavy_udp_sessions_responses_timeout_and_proxy_v2() {
     })
     .await;
 }
+
+/// Answers `PONG` to `PING` (a health endpoint on its own port).
+async fn ping_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 6];
+                if s.read_exact(&mut buf).await.is_ok() && &buf == b"PING\r\n" {
+                    let _ = s.write_all(b"+PONG\r\n").await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_health_check_port_and_send_expect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (ping, ping_task) = ping_server().await;
+    let port = free_port();
+    // Both peers are checked on the ping port; only the check decides health.
+    let lb = start(
+        dir.path(),
+        &format!(
+            "stream {{
+  match pong {{ send \"PING\\r\\n\"; expect ~ \"^\\+PONG\"; }}
+  upstream app {{ server {}; server {}; }}
+  server {{ listen 127.0.0.1:{port}; proxy_pass app; health_check interval=100ms fails=1 passes=1 port={} match=pong; }}
+}}",
+            a.addr,
+            b.addr,
+            ping.port()
+        ),
+    );
+    let healthy = |lb: &lb::Balancer| {
+        let gen = lb.shared().current();
+        gen.upstreams[0]
+            .peers
+            .iter()
+            .map(|p| p.healthy.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(healthy(&lb), [true, true]);
+    ping_task.abort();
+    wait_for(
+        "checks on the health port to fail",
+        Duration::from_secs(3),
+        || healthy(&lb) == [false, false],
+    )
+    .await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        greeting(addr).await.is_err(),
+        "no healthy peer: the session must fail"
+    );
+    let _ping = tokio::net::TcpListener::bind(ping).await.unwrap();
+    // A listener that never answers PONG keeps them down (expect fails).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(healthy(&lb), [false, false]);
+}
