@@ -45,7 +45,8 @@ mod tests {
     use super::*;
 
     fn test_file(text: &str) -> u8 {
-        let dir = std::env::temp_dir().join(format!("oxvirt-lb-t-{}-{}", std::process::id(), text.len()));
+        let dir =
+            std::env::temp_dir().join(format!("oxvirt-lb-t-{}-{}", std::process::id(), text.len()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("lb.conf");
         std::fs::write(&config, text).unwrap();
@@ -56,7 +57,10 @@ mod tests {
 
     #[test]
     fn dash_t_exits_zero_on_a_good_file_and_one_on_errors() {
-        assert_eq!(test_file("stream { server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; } }"), 0);
+        assert_eq!(
+            test_file("stream { server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; } }"),
+            0
+        );
         assert_eq!(test_file("stream {\n server { listen 127.0.0.1:1; proxy_pass 127.0.0.1:2; ssl_preread on; }\n}\n"), 1);
         assert_eq!(test_file("stream {"), 1);
     }
