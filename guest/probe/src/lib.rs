@@ -12,6 +12,7 @@
 pub mod blkpattern;
 pub mod bootinfo;
 pub mod firmware;
+pub mod netaddr;
 pub mod params;
 pub mod virtio_mmio;
 

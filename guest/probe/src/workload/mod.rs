@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod fault;
 pub mod hello;
 pub mod mem;
+pub mod net;
 pub mod rng;
 pub mod smp;
 
@@ -28,12 +29,13 @@ const WORKLOADS: &[Workload] = &[
     fault::WORKLOAD,
     rng::WORKLOAD,
     blk::WORKLOAD,
+    net::WORKLOAD,
 ];
 
 pub fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let Some(workload) = WORKLOADS.iter().find(|w| w.name == params.workload) else {
         return fail!(
-            "unknown workload probe={} (known: hello cpu smp mem fault rng blk)",
+            "unknown workload probe={} (known: hello cpu smp mem fault rng blk net)",
             params.workload
         );
     };
