@@ -1,14 +1,18 @@
 //! The probe's virtio workloads (`blk`, `rng`) on QEMU 7.2 `-M microvm`
 //! virtio-mmio devices (virtio 1.x): data written by the guest is checked
 //! on the host file, by this test and by `qemu-img compare`; data written by
-//! the host is checked by the guest; a read-only disk refuses writes.
+//! the host is checked by the guest; a read-only disk refuses writes; the
+//! `net` echo servers answer over QEMU's user-mode network (loopback only).
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use oxvirt_probe::blkpattern::{self, SECTOR};
-use testkit::{probe_kernel, require_kvm, require_qemu, run_vm, Microvm, VmRun};
+use testkit::{free_port, probe_kernel, require_kvm, require_qemu, run_vm, Microvm, VmRun};
 
 const MIB: usize = 1 << 20;
 /// The disks are larger than what the guest touches, so a write past its
@@ -279,4 +283,105 @@ fn heavy_qemu_rng_reads_entropy() {
     assert_eq!(rng.len(), 1, "{}", run.describe());
     assert_eq!(rng[0].num("bytes"), Some(65536.0));
     assert_eq!(rng[0].num("distinct"), Some(256.0), "{}", run.describe());
+}
+
+/// Echoes `data` through the guest's TCP server: a writer thread sends
+/// while this thread reads the echo back.
+fn tcp_echo(port: u16, data: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the guest");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.to_vec();
+    let sender = std::thread::spawn(move || writer.write_all(&sent));
+    let mut echoed = vec![0; data.len()];
+    stream.read_exact(&mut echoed).expect("read the echo");
+    sender.join().unwrap().expect("send to the guest");
+    echoed
+}
+
+#[test]
+fn heavy_qemu_net_tcp_and_udp_echo() {
+    if !prerequisites() {
+        return;
+    }
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    // Host-forwarded ports on 127.0.0.1 only; the probe never starts
+    // traffic itself. (`restrict=on` would also drop the UDP replies.)
+    let netdev = format!(
+        "user,id=net0,net=10.0.2.0/24,\
+         hostfwd=tcp:127.0.0.1:{tcp_port}-10.0.2.15:7,hostfwd=udp:127.0.0.1:{udp_port}-10.0.2.15:7"
+    );
+    let mut command = vm("probe=net probe.ip=10.0.2.15/24 probe.port=7")
+        .memory_mib(96)
+        .arg("-netdev")
+        .arg(netdev)
+        .virtio_device("virtio-net-device,netdev=net0")
+        .command();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start QEMU");
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_for = |prefix: &str| -> String {
+        loop {
+            match lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(err) => panic!("no line starting {prefix:?}: {err}"),
+            }
+        }
+    };
+    let listening = wait_for("PROBE RESULT net listening");
+    assert!(listening.contains("ip=10.0.2.15/24 port=7"), "{listening}");
+
+    // 4 MiB of non-repeating data (a counter pattern) through TCP.
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let start = std::time::Instant::now();
+    let echoed = tcp_echo(tcp_port, &data);
+    eprintln!(
+        "qemu microvm net (slirp) TCP echo: {:.1} MB/s",
+        data.len() as f64 / start.elapsed().as_secs_f64() / 1e6
+    );
+    assert!(echoed == data, "the TCP echo differs from what was sent");
+
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for datagram in [&b"ping"[..], &[0xa5; 1200][..]] {
+        udp.send_to(datagram, ("127.0.0.1", udp_port)).unwrap();
+        let mut buf = [0; 2048];
+        let (len, _) = udp.recv_from(&mut buf).expect("UDP echo");
+        assert_eq!(&buf[..len], datagram);
+    }
+
+    TcpStream::connect(("127.0.0.1", tcp_port))
+        .and_then(|mut quit| quit.write_all(b"quit"))
+        .expect("send quit");
+    let summary = wait_for("PROBE RESULT net tcp_bytes");
+    assert!(
+        summary.contains(&format!("tcp_bytes={}", data.len())),
+        "{summary}"
+    );
+    assert!(summary.contains("udp_datagrams=2"), "{summary}");
+    assert_eq!(wait_for("PROBE DONE"), "PROBE DONE ok");
+    let status = child.wait().expect("QEMU exit");
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn heavy_qemu_net_bad_address_is_named() {
+    if !prerequisites() {
+        return;
+    }
+    let run = boot(vm("probe=net probe.ip=10.0.2.315/24").virtio_device("virtio-rng-device"));
+    assert_fails_with(&run, "probe.ip=10.0.2.315/24: an octet is not a number");
 }
