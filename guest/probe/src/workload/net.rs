@@ -176,10 +176,14 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
 
     let mut storage = [SocketStorage::EMPTY; 2];
     let mut sockets = SocketSet::new(&mut storage[..]);
-    let tcp_socket = tcp::Socket::new(
+    let mut tcp_socket = tcp::Socket::new(
         tcp::SocketBuffer::new(virtio::alloc(TCP_BUF)?),
         tcp::SocketBuffer::new(virtio::alloc(TCP_BUF)?),
     );
+    // An echo server answers at once: Nagle and delayed ACKs would only
+    // stall it against the peer's own delayed ACKs.
+    tcp_socket.set_nagle_enabled(false);
+    tcp_socket.set_ack_delay(None);
     let mut udp_rx_meta = [udp::PacketMetadata::EMPTY; UDP_PACKETS];
     let mut udp_tx_meta = [udp::PacketMetadata::EMPTY; UDP_PACKETS];
     let mut udp_socket = udp::Socket::new(
