@@ -36,7 +36,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OXVIRT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Another subcommand may have installed a subscriber already; keep it.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let mode = match (args.system, args.session) {
         (true, _) => Mode::System,
         (_, true) => Mode::Session,

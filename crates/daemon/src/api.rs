@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::error::ManagerError;
 use crate::domain::State as DomainState;
+use crate::error::ManagerError;
 use crate::manager::{Manager, StateInfo};
 use crate::settings::{Modify, VcpuPin};
 use crate::tune::{MemTune, SchedInfo};
@@ -35,7 +35,8 @@ struct ApiError(StatusCode, ErrorBody);
 
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
-        let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError(
             status,
             ErrorBody {
@@ -52,7 +53,12 @@ impl ApiError {
     fn bad_request(message: String, field: Option<&str>) -> Self {
         ApiError(
             StatusCode::BAD_REQUEST,
-            ErrorBody { code: "bad_request".into(), message, domain: None, field: field.map(str::to_owned) },
+            ErrorBody {
+                code: "bad_request".into(),
+                message,
+                domain: None,
+                field: field.map(str::to_owned),
+            },
         )
     }
 }
@@ -66,26 +72,47 @@ impl IntoResponse for ApiError {
 type ApiResult = Result<Json<Value>, ApiError>;
 
 fn ok(value: impl Serialize) -> ApiResult {
-    serde_json::to_value(value)
-        .map(Json)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, ErrorBody { code: "internal".into(), message: e.to_string(), domain: None, field: None }))
+    serde_json::to_value(value).map(Json).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody {
+                code: "internal".into(),
+                message: e.to_string(),
+                domain: None,
+                field: None,
+            },
+        )
+    })
 }
 
 /// Parses a JSON body; an empty body is `{}`.
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}"), None))
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body: {e}"), None))
 }
 
 /// A boolean query flag: `?all`, `?all=true`, `?all=1`.
 fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> {
-    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
         if k == key {
             return match v {
                 "true" | "1" | "" => Ok(true),
                 "false" | "0" => Ok(false),
-                _ => Err(ApiError::bad_request(format!("query parameter {key}={v:?}: expected true or false"), Some(key))),
+                _ => Err(ApiError::bad_request(
+                    format!("query parameter {key}={v:?}: expected true or false"),
+                    Some(key),
+                )),
             };
         }
     }
@@ -93,7 +120,10 @@ fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> {
 }
 
 fn modify(query: &Option<String>) -> Result<Modify, ApiError> {
-    Ok(Modify { live: flag(query, "live")?, config: flag(query, "config")? })
+    Ok(Modify {
+        live: flag(query, "live")?,
+        config: flag(query, "config")?,
+    })
 }
 
 /// The API's routes over `manager`.
@@ -106,12 +136,23 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/domains/{name}/state", get(state))
         .route("/v1/domains/{name}/config", get(config))
         .route("/v1/domains/{name}/autostart", put(autostart))
-        .route("/v1/domains/{name}/schedinfo", get(schedinfo).put(set_schedinfo))
+        .route(
+            "/v1/domains/{name}/schedinfo",
+            get(schedinfo).put(set_schedinfo),
+        )
         .route("/v1/domains/{name}/memtune", get(memtune).put(set_memtune))
         .route("/v1/domains/{name}/vcpupin", get(vcpupin).put(set_vcpupin))
         .route("/v1/domains/{name}/{action}", post(action))
         .fallback(|| async {
-            ApiError(StatusCode::NOT_FOUND, ErrorBody { code: "no_such_route".into(), message: "no such API route".into(), domain: None, field: None })
+            ApiError(
+                StatusCode::NOT_FOUND,
+                ErrorBody {
+                    code: "no_such_route".into(),
+                    message: "no such API route".into(),
+                    domain: None,
+                    field: None,
+                },
+            )
         })
         .with_state(manager)
 }
@@ -133,9 +174,14 @@ struct DefineRequest {
     origin: Option<String>,
 }
 
-async fn define(State(m): State<Manager>, bytes: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn define(
+    State(m): State<Manager>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: DefineRequest = body(&bytes)?;
-    let name = m.define(&req.config, req.origin.as_deref().unwrap_or("definition")).await?;
+    let name = m
+        .define(&req.config, req.origin.as_deref().unwrap_or("definition"))
+        .await?;
     Ok((StatusCode::CREATED, ok(m.info(&name)?)?))
 }
 
@@ -147,16 +193,26 @@ struct RunRequest {
     transient: bool,
 }
 
-async fn run(State(m): State<Manager>, bytes: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn run(
+    State(m): State<Manager>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: RunRequest = body(&bytes)?;
-    Ok((StatusCode::CREATED, ok(m.run(&req.config, req.transient).await?)?))
+    Ok((
+        StatusCode::CREATED,
+        ok(m.run(&req.config, req.transient).await?)?,
+    ))
 }
 
 async fn info(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
     ok(m.info(&name)?)
 }
 
-async fn undefine(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+async fn undefine(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
     m.undefine(&name, flag(&q, "force")?).await?;
     ok(json!({}))
 }
@@ -189,7 +245,11 @@ struct ActionRequest {
     timeout_s: Option<u64>,
 }
 
-async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, String)>, bytes: Bytes) -> ApiResult {
+async fn action(
+    State(m): State<Manager>,
+    Path((name, action)): Path<(String, String)>,
+    bytes: Bytes,
+) -> ApiResult {
     let req: ActionRequest = body(&bytes)?;
     let gone_as = match action.as_str() {
         "start" => {
@@ -197,7 +257,8 @@ async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, St
             "shutdown"
         }
         "shutdown" => {
-            m.shutdown(&name, Duration::from_secs(req.timeout_s.unwrap_or(30))).await?;
+            m.shutdown(&name, Duration::from_secs(req.timeout_s.unwrap_or(30)))
+                .await?;
             "shutdown"
         }
         "destroy" => {
@@ -221,7 +282,9 @@ async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, St
                 StatusCode::NOT_FOUND,
                 ErrorBody {
                     code: "no_such_action".into(),
-                    message: format!("{action:?}: expected start, shutdown, destroy, reboot, suspend or resume"),
+                    message: format!(
+                        "{action:?}: expected start, shutdown, destroy, reboot, suspend or resume"
+                    ),
                     domain: Some(name),
                     field: Some("action".into()),
                 },
@@ -231,7 +294,10 @@ async fn action(State(m): State<Manager>, Path((name, action)): Path<(String, St
     // A transient domain that stopped is gone from the table already.
     match m.state(&name) {
         Ok(state) => ok(state),
-        Err(ManagerError::NotFound { .. }) => ok(StateInfo { state: DomainState::ShutOff, reason: gone_as.to_owned() }),
+        Err(ManagerError::NotFound { .. }) => ok(StateInfo {
+            state: DomainState::ShutOff,
+            reason: gone_as.to_owned(),
+        }),
         Err(e) => Err(e.into()),
     }
 }
@@ -240,7 +306,12 @@ async fn schedinfo(State(m): State<Manager>, Path(name): Path<String>) -> ApiRes
     ok(m.schedinfo(&name)?)
 }
 
-async fn set_schedinfo(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+async fn set_schedinfo(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
     let change: SchedInfo = body(&bytes)?;
     ok(m.set_schedinfo(&name, &change, modify(&q)?)?)
 }
@@ -249,7 +320,12 @@ async fn memtune(State(m): State<Manager>, Path(name): Path<String>) -> ApiResul
     ok(m.memtune(&name)?)
 }
 
-async fn set_memtune(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+async fn set_memtune(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
     let change: MemTune = body(&bytes)?;
     ok(m.set_memtune(&name, &change, modify(&q)?)?)
 }
@@ -258,7 +334,12 @@ async fn vcpupin(State(m): State<Manager>, Path(name): Path<String>) -> ApiResul
     ok(m.vcpupin(&name)?)
 }
 
-async fn set_vcpupin(State(m): State<Manager>, Path(name): Path<String>, RawQuery(q): RawQuery, bytes: Bytes) -> ApiResult {
+async fn set_vcpupin(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
     let pin: VcpuPin = body(&bytes)?;
     ok(m.set_vcpupin(&name, &pin, modify(&q)?)?)
 }

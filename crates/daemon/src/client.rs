@@ -27,7 +27,10 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("oxvirtd at {socket}: {source}")]
-    Http { socket: PathBuf, source: hyper::Error },
+    Http {
+        socket: PathBuf,
+        source: hyper::Error,
+    },
     #[error("{}", .0.message)]
     Api(ErrorBody),
     #[error("oxvirtd answered {status} with an unreadable body: {body}")]
@@ -52,7 +55,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Client { socket: socket.into() }
+        Client {
+            socket: socket.into(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -60,12 +65,26 @@ impl Client {
     }
 
     /// One request; a non-2xx answer becomes [`ClientError::Api`].
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Value>) -> Result<T, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let http = |source| ClientError::Http {
+            socket: self.socket.clone(),
+            source,
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        let http = |source| ClientError::Http { socket: self.socket.clone(), source };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+            .map_err(http)?;
         tokio::spawn(connection);
         let payload = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
         let request = Request::builder()
@@ -74,13 +93,26 @@ impl Client {
             .header("host", "oxvirtd")
             .header("content-type", "application/json")
             .body(Full::new(payload))
-            .map_err(|e| ClientError::Decode { status: 0, body: e.to_string() })?;
+            .map_err(|e| ClientError::Decode {
+                status: 0,
+                body: e.to_string(),
+            })?;
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(http)?.to_bytes();
-        let decode = || ClientError::Decode { status: status.as_u16(), body: String::from_utf8_lossy(&bytes).into_owned() };
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http)?
+            .to_bytes();
+        let decode = || ClientError::Decode {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        };
         if !status.is_success() {
-            return Err(ClientError::Api(serde_json::from_slice(&bytes).map_err(|_| decode())?));
+            return Err(ClientError::Api(
+                serde_json::from_slice(&bytes).map_err(|_| decode())?,
+            ));
         }
         serde_json::from_slice(&bytes).map_err(|_| decode())
     }
@@ -90,67 +122,152 @@ impl Client {
     }
 
     pub async fn list(&self, all: bool) -> Result<Vec<DomainSummary>, ClientError> {
-        self.call(Method::GET, &format!("/v1/domains?all={all}"), None).await
+        self.call(Method::GET, &format!("/v1/domains?all={all}"), None)
+            .await
     }
 
     pub async fn define(&self, config: &str, origin: &str) -> Result<DomainInfo, ClientError> {
-        self.call(Method::POST, "/v1/domains", Some(json!({"config": config, "origin": origin}))).await
+        self.call(
+            Method::POST,
+            "/v1/domains",
+            Some(json!({"config": config, "origin": origin})),
+        )
+        .await
     }
 
     pub async fn run(&self, config: &str, transient: bool) -> Result<DomainInfo, ClientError> {
-        self.call(Method::POST, "/v1/run", Some(json!({"config": config, "transient": transient}))).await
+        self.call(
+            Method::POST,
+            "/v1/run",
+            Some(json!({"config": config, "transient": transient})),
+        )
+        .await
     }
 
     pub async fn undefine(&self, name: &str, force: bool) -> Result<Value, ClientError> {
-        self.call(Method::DELETE, &format!("/v1/domains/{}?force={force}", seg(name)), None).await
+        self.call(
+            Method::DELETE,
+            &format!("/v1/domains/{}?force={force}", seg(name)),
+            None,
+        )
+        .await
     }
 
     pub async fn info(&self, name: &str) -> Result<DomainInfo, ClientError> {
-        self.call(Method::GET, &format!("/v1/domains/{}", seg(name)), None).await
+        self.call(Method::GET, &format!("/v1/domains/{}", seg(name)), None)
+            .await
     }
 
     pub async fn state(&self, name: &str) -> Result<StateInfo, ClientError> {
-        self.call(Method::GET, &format!("/v1/domains/{}/state", seg(name)), None).await
+        self.call(
+            Method::GET,
+            &format!("/v1/domains/{}/state", seg(name)),
+            None,
+        )
+        .await
     }
 
     pub async fn config(&self, name: &str) -> Result<String, ClientError> {
-        let v: Value = self.call(Method::GET, &format!("/v1/domains/{}/config", seg(name)), None).await?;
-        Ok(v.get("config").and_then(Value::as_str).unwrap_or_default().to_owned())
+        let v: Value = self
+            .call(
+                Method::GET,
+                &format!("/v1/domains/{}/config", seg(name)),
+                None,
+            )
+            .await?;
+        Ok(v.get("config")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned())
     }
 
     /// start, destroy, reboot, suspend or resume.
     pub async fn action(&self, name: &str, action: &str) -> Result<StateInfo, ClientError> {
-        self.call(Method::POST, &format!("/v1/domains/{}/{action}", seg(name)), None).await
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/{action}", seg(name)),
+            None,
+        )
+        .await
     }
 
     pub async fn shutdown(&self, name: &str, timeout: Duration) -> Result<StateInfo, ClientError> {
         let body = json!({"timeout_s": timeout.as_secs()});
-        self.call(Method::POST, &format!("/v1/domains/{}/shutdown", seg(name)), Some(body)).await
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/shutdown", seg(name)),
+            Some(body),
+        )
+        .await
     }
 
-    pub async fn set_autostart(&self, name: &str, enabled: bool) -> Result<DomainInfo, ClientError> {
-        self.call(Method::PUT, &format!("/v1/domains/{}/autostart", seg(name)), Some(json!({"enabled": enabled}))).await
+    pub async fn set_autostart(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<DomainInfo, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/domains/{}/autostart", seg(name)),
+            Some(json!({"enabled": enabled})),
+        )
+        .await
     }
 
-    async fn tune<T: DeserializeOwned>(&self, name: &str, what: &str, change: Option<&impl Serialize>, modify: Modify) -> Result<T, ClientError> {
+    async fn tune<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        what: &str,
+        change: Option<&impl Serialize>,
+        modify: Modify,
+    ) -> Result<T, ClientError> {
         let Some(change) = change else {
-            return self.call(Method::GET, &format!("/v1/domains/{}/{what}", seg(name)), None).await;
+            return self
+                .call(
+                    Method::GET,
+                    &format!("/v1/domains/{}/{what}", seg(name)),
+                    None,
+                )
+                .await;
         };
-        let path = format!("/v1/domains/{}/{what}?live={}&config={}", seg(name), modify.live, modify.config);
-        let body = serde_json::to_value(change).map_err(|e| ClientError::Decode { status: 0, body: e.to_string() })?;
+        let path = format!(
+            "/v1/domains/{}/{what}?live={}&config={}",
+            seg(name),
+            modify.live,
+            modify.config
+        );
+        let body = serde_json::to_value(change).map_err(|e| ClientError::Decode {
+            status: 0,
+            body: e.to_string(),
+        })?;
         self.call(Method::PUT, &path, Some(body)).await
     }
 
     /// Reads (`change` None) or changes the CPU scheduling parameters.
-    pub async fn schedinfo(&self, name: &str, change: Option<&SchedInfo>, modify: Modify) -> Result<SchedInfo, ClientError> {
+    pub async fn schedinfo(
+        &self,
+        name: &str,
+        change: Option<&SchedInfo>,
+        modify: Modify,
+    ) -> Result<SchedInfo, ClientError> {
         self.tune(name, "schedinfo", change, modify).await
     }
 
-    pub async fn memtune(&self, name: &str, change: Option<&MemTune>, modify: Modify) -> Result<MemTune, ClientError> {
+    pub async fn memtune(
+        &self,
+        name: &str,
+        change: Option<&MemTune>,
+        modify: Modify,
+    ) -> Result<MemTune, ClientError> {
         self.tune(name, "memtune", change, modify).await
     }
 
-    pub async fn vcpupin(&self, name: &str, pin: Option<&VcpuPin>, modify: Modify) -> Result<Vec<VcpuPin>, ClientError> {
+    pub async fn vcpupin(
+        &self,
+        name: &str,
+        pin: Option<&VcpuPin>,
+        modify: Modify,
+    ) -> Result<Vec<VcpuPin>, ClientError> {
         self.tune(name, "vcpupin", pin, modify).await
     }
 }
@@ -168,6 +285,8 @@ fn seg(name: &str) -> String {
 /// Runs one client call to completion on a small runtime of its own (the
 /// CLI is not async).
 pub fn block_on<F: std::future::Future>(future: F) -> std::io::Result<F::Output> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     Ok(runtime.block_on(future))
 }

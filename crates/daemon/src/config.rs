@@ -145,7 +145,7 @@ pub struct ByteSize(pub u64);
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, scale) in [("g", 1u64 << 30), ("m", 1 << 20), ("k", 1 << 10)] {
-            if self.0 >= scale && self.0 % scale == 0 {
+            if self.0 >= scale && self.0.is_multiple_of(scale) {
                 return write!(f, "{}{unit}", self.0 / scale);
             }
         }
@@ -172,7 +172,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             NumberOrText::Number(n) => u64::try_from(n)
                 .map(ByteSize)
                 .map_err(|_| serde::de::Error::custom(format!("size {n} is negative"))),
-            NumberOrText::Text(t) => size::parse_bytes(&t).map(ByteSize).map_err(serde::de::Error::custom),
+            NumberOrText::Text(t) => size::parse_bytes(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -196,7 +198,9 @@ impl<'de> Deserialize<'de> for SwapSetting {
             NumberOrText::Number(n) => n.to_string(),
             NumberOrText::Text(t) => t,
         };
-        size::parse_memory_swap(&text).map(SwapSetting).map_err(serde::de::Error::custom)
+        size::parse_memory_swap(&text)
+            .map(SwapSetting)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -246,18 +250,27 @@ impl DomainDef {
             self.check_file("initrd", initrd)?;
         }
         let memory = self.memory.0;
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) || memory % MIB != 0 {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) || !memory.is_multiple_of(MIB) {
             return Err(self.invalid(
                 "memory",
-                format!("{} bytes: must be a whole number of MiB between 4 MiB and 1 TiB", memory),
+                format!(
+                    "{} bytes: must be a whole number of MiB between 4 MiB and 1 TiB",
+                    memory
+                ),
             ));
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
-            return Err(self.invalid("vcpus", format!("{}: must be between 1 and {MAX_VCPUS}", self.vcpus)));
+            return Err(self.invalid(
+                "vcpus",
+                format!("{}: must be between 1 and {MAX_VCPUS}", self.vcpus),
+            ));
         }
         if let Some(profile) = &self.cpu_profile {
             if profile != "host" && profile != "pvm-compat" {
-                return Err(self.invalid("cpu_profile", format!("{profile:?}: expected host or pvm-compat")));
+                return Err(self.invalid(
+                    "cpu_profile",
+                    format!("{profile:?}: expected host or pvm-compat"),
+                ));
             }
         }
         self.validate_resources()
@@ -265,7 +278,10 @@ impl DomainDef {
 
     fn check_file(&self, field: &'static str, path: &Path) -> Result<(), ConfigError> {
         if !path.is_absolute() {
-            return Err(self.invalid(field, format!("{}: must be an absolute path", path.display())));
+            return Err(self.invalid(
+                field,
+                format!("{}: must be an absolute path", path.display()),
+            ));
         }
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => Ok(()),
@@ -278,34 +294,52 @@ impl DomainDef {
         let r = &self.resources;
         if let Some(shares) = r.cpu_shares {
             if !(2..=262_144).contains(&shares) {
-                return Err(self.invalid("resources.cpu_shares", format!("{shares}: must be 2..262144")));
+                return Err(self.invalid(
+                    "resources.cpu_shares",
+                    format!("{shares}: must be 2..262144"),
+                ));
             }
         }
         if let Some(cpus) = r.cpus {
-            size::parse_cpus(&cpus.to_string()).map_err(|e| self.invalid("resources.cpus", e.to_string()))?;
+            size::parse_cpus(&cpus.to_string())
+                .map_err(|e| self.invalid("resources.cpus", e.to_string()))?;
         }
         if let Some(period) = r.vcpu_period {
             if !(1_000..=1_000_000).contains(&period) {
-                return Err(self.invalid("resources.vcpu_period", format!("{period}: must be 1000..1000000 us")));
+                return Err(self.invalid(
+                    "resources.vcpu_period",
+                    format!("{period}: must be 1000..1000000 us"),
+                ));
             }
         }
         if let Some(quota) = r.vcpu_quota {
             if quota < 1_000 {
-                return Err(self.invalid("resources.vcpu_quota", format!("{quota}: must be at least 1000 us")));
+                return Err(self.invalid(
+                    "resources.vcpu_quota",
+                    format!("{quota}: must be at least 1000 us"),
+                ));
             }
         }
-        for (field, list) in [("resources.cpuset_cpus", &r.cpuset_cpus), ("resources.cpuset_mems", &r.cpuset_mems)] {
+        for (field, list) in [
+            ("resources.cpuset_cpus", &r.cpuset_cpus),
+            ("resources.cpuset_mems", &r.cpuset_mems),
+        ] {
             if let Some(list) = list {
-                list.parse::<CpuList>().map_err(|e| self.invalid(field, e.to_string()))?;
+                list.parse::<CpuList>()
+                    .map_err(|e| self.invalid(field, e.to_string()))?;
             }
         }
         for (vcpu, cpus) in &r.vcpupin {
             self.vcpu_number(vcpu)?;
-            cpus.parse::<CpuList>().map_err(|e| self.invalid("resources.vcpupin", e.to_string()))?;
+            cpus.parse::<CpuList>()
+                .map_err(|e| self.invalid("resources.vcpupin", e.to_string()))?;
         }
         if let Some(limit) = r.memory_limit {
             if limit.0 < 6 * MIB {
-                return Err(self.invalid("resources.memory_limit", "must be at least 6 MiB (Docker's minimum)"));
+                return Err(self.invalid(
+                    "resources.memory_limit",
+                    "must be at least 6 MiB (Docker's minimum)",
+                ));
             }
         }
         if let Some(swap) = r.memory_swap {
@@ -365,8 +399,13 @@ impl DomainDef {
 /// Domain names become file and cgroup names: letters, digits, `.`, `_`,
 /// `-`, starting with a letter or digit.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let all_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let all_ok = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.len() > MAX_NAME || !first_ok || !all_ok {
         return Err(format!(
             "{name:?}: must be 1..{MAX_NAME} letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -376,7 +415,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Writes `data` to `path` so that readers see the old or the new file,
@@ -389,7 +432,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ConfigError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;

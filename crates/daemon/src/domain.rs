@@ -113,7 +113,10 @@ impl Record {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_slice(&data).map_err(|e| ConfigError::Io { path, source: e.into() })
+        serde_json::from_slice(&data).map_err(|e| ConfigError::Io {
+            path,
+            source: e.into(),
+        })
     }
 }
 

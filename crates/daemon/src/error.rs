@@ -68,7 +68,9 @@ impl ManagerError {
             ManagerError::Exists { .. } => "exists",
             ManagerError::InvalidState { .. } => "invalid_state",
             ManagerError::Config(ConfigError::Parse { .. }) => "parse_error",
-            ManagerError::Config(ConfigError::Invalid { .. }) | ManagerError::Invalid { .. } => "invalid_argument",
+            ManagerError::Config(ConfigError::Invalid { .. }) | ManagerError::Invalid { .. } => {
+                "invalid_argument"
+            }
             ManagerError::Config(_) | ManagerError::Io { .. } => "io_error",
             ManagerError::Tune { .. } => "cgroup_error",
             ManagerError::Vmm { .. } => "vmm_error",

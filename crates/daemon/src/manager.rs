@@ -120,8 +120,16 @@ impl Manager {
     /// Loads the definitions, finds running domains again and starts the
     /// autostart ones.
     pub async fn open(opts: ManagerOptions) -> Result<Self, ManagerError> {
-        for dir in [opts.paths.domains_dir(), opts.paths.autostart_dir(), opts.paths.log_dir(), opts.paths.running_dir()] {
-            std::fs::create_dir_all(&dir).map_err(|source| ManagerError::Io { path: dir.clone(), source })?;
+        for dir in [
+            opts.paths.domains_dir(),
+            opts.paths.autostart_dir(),
+            opts.paths.log_dir(),
+            opts.paths.running_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|source| ManagerError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let manager = Manager(Arc::new(Inner {
             domains: Mutex::new(load_definitions(&opts.paths)),
@@ -161,9 +169,15 @@ impl Manager {
     }
 
     /// Runs `f` on the named domain.
-    pub(crate) fn with<T>(&self, name: &str, f: impl FnOnce(&mut Domain) -> Result<T, ManagerError>) -> Result<T, ManagerError> {
+    pub(crate) fn with<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Domain) -> Result<T, ManagerError>,
+    ) -> Result<T, ManagerError> {
         let mut table = self.table();
-        let domain = table.get_mut(name).ok_or_else(|| ManagerError::NotFound { domain: name.to_owned() })?;
+        let domain = table.get_mut(name).ok_or_else(|| ManagerError::NotFound {
+            domain: name.to_owned(),
+        })?;
         f(domain)
     }
 
@@ -180,7 +194,12 @@ impl Manager {
     }
 
     pub fn state(&self, name: &str) -> Result<StateInfo, ManagerError> {
-        self.with(name, |d| Ok(StateInfo { state: d.state, reason: d.reason.to_string() }))
+        self.with(name, |d| {
+            Ok(StateInfo {
+                state: d.state,
+                reason: d.reason.to_string(),
+            })
+        })
     }
 
     pub fn info(&self, name: &str) -> Result<DomainInfo, ManagerError> {
@@ -196,7 +215,11 @@ impl Manager {
                 memory: def.memory.0,
                 memory_limit: def.resources.memory_limit.map(|l| l.0),
                 pid: d.live.as_ref().map(|l| l.record.pid),
-                vcpu_tids: d.live.as_ref().map(|l| l.record.vcpu_tids.clone()).unwrap_or_default(),
+                vcpu_tids: d
+                    .live
+                    .as_ref()
+                    .map(|l| l.record.vcpu_tids.clone())
+                    .unwrap_or_default(),
                 cpu_time_ns: None,
                 memory_usage: None,
                 oom_kills: None,
@@ -223,7 +246,8 @@ impl Manager {
         let (persistent, def) = self.with(name, |d| Ok((d.persistent, d.def.clone())))?;
         if persistent {
             let path = self.paths().definition(name);
-            return std::fs::read_to_string(&path).map_err(|source| ManagerError::Io { path, source });
+            return std::fs::read_to_string(&path)
+                .map_err(|source| ManagerError::Io { path, source });
         }
         Ok(def.to_toml()?)
     }
@@ -349,14 +373,19 @@ impl Manager {
         let deadline = Instant::now() + timeout;
         // The guest's chance to power off; a VMM without system_powerdown
         // (no ACPI yet) answers CommandNotFound and is quit at once.
-        if vmm_client::execute(&live.api, "system_powerdown").await.is_ok()
+        if vmm_client::execute(&live.api, "system_powerdown")
+            .await
+            .is_ok()
             && self.wait_exit(name, live.record.pid, deadline).await
         {
             return Ok(());
         }
         if let Err(source) = vmm_client::execute(&live.api, "quit").await {
             if self.is_live_pid(name, live.record.pid) {
-                return Err(ManagerError::Vmm { domain: name.to_owned(), source });
+                return Err(ManagerError::Vmm {
+                    domain: name.to_owned(),
+                    source,
+                });
             }
         }
         self.expect_exit(name, live.record.pid, "shutdown").await
@@ -369,7 +398,12 @@ impl Manager {
         self.expect_exit(name, live.record.pid, "destroy").await
     }
 
-    fn request_stop(&self, name: &str, request: StopRequest, action: &'static str) -> Result<Live, ManagerError> {
+    fn request_stop(
+        &self,
+        name: &str,
+        request: StopRequest,
+        action: &'static str,
+    ) -> Result<Live, ManagerError> {
         self.with(name, |d| {
             let state = d.state;
             let live = d.live.as_mut().ok_or(ManagerError::InvalidState {
@@ -400,11 +434,23 @@ impl Manager {
         !self.is_live_pid(name, pid)
     }
 
-    async fn expect_exit(&self, name: &str, pid: u32, action: &'static str) -> Result<(), ManagerError> {
-        if self.wait_exit(name, pid, Instant::now() + STOP_TIMEOUT).await {
+    async fn expect_exit(
+        &self,
+        name: &str,
+        pid: u32,
+        action: &'static str,
+    ) -> Result<(), ManagerError> {
+        if self
+            .wait_exit(name, pid, Instant::now() + STOP_TIMEOUT)
+            .await
+        {
             Ok(())
         } else {
-            Err(ManagerError::Timeout { domain: name.to_owned(), action, timeout: STOP_TIMEOUT })
+            Err(ManagerError::Timeout {
+                domain: name.to_owned(),
+                action,
+                timeout: STOP_TIMEOUT,
+            })
         }
     }
 
@@ -430,7 +476,10 @@ impl Manager {
         vmm_client::execute(&live.api, command)
             .await
             .map(drop)
-            .map_err(|source| ManagerError::Vmm { domain: name.to_owned(), source })
+            .map_err(|source| ManagerError::Vmm {
+                domain: name.to_owned(),
+                source,
+            })
     }
 
     fn set_state(&self, name: &str, state: State, reason: Reason) -> Result<(), ManagerError> {
@@ -480,7 +529,9 @@ impl Manager {
     /// recorded start time that answers on its control socket is adopted;
     /// anything else is cleaned up.
     async fn recover(&self) {
-        let Ok(entries) = std::fs::read_dir(self.paths().running_dir()) else { return };
+        let Ok(entries) = std::fs::read_dir(self.paths().running_dir()) else {
+            return;
+        };
         for entry in entries.flatten() {
             let run_dir = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -503,7 +554,11 @@ impl Manager {
             None
         };
         let Some(status) = status else {
-            tracing::info!(domain = name, pid = record.pid, "VMM gone while the daemon was away; cleaning up");
+            tracing::info!(
+                domain = name,
+                pid = record.pid,
+                "VMM gone while the daemon was away; cleaning up"
+            );
             supervise::cleanup(name, cgroup.as_ref(), &run_dir);
             return;
         };
@@ -515,35 +570,57 @@ impl Manager {
         let start_ticks = record.start_ticks;
         let persistent = record.persistent && self.table().contains_key(name);
         let def = record.def.clone();
-        let live = Live { record, cgroup, stop: None, api, run_dir };
+        let live = Live {
+            record,
+            cgroup,
+            stop: None,
+            api,
+            run_dir,
+        };
         let mut table = self.table();
-        let domain = table.entry(name.to_owned()).or_insert_with(|| inactive(def, persistent));
+        let domain = table
+            .entry(name.to_owned())
+            .or_insert_with(|| inactive(def, persistent));
         domain.persistent = persistent;
         domain.state = state;
         domain.reason = reason;
         domain.live = Some(live);
         drop(table);
-        supervise::watch(self.clone(), name.to_owned(), pid, supervise::Waiter::Adopted { start_ticks });
+        supervise::watch(
+            self.clone(),
+            name.to_owned(),
+            pid,
+            supervise::Waiter::Adopted { start_ticks },
+        );
         tracing::info!(domain = name, pid, "found running VMM again");
     }
 
     fn open_cgroup(&self, name: &str, record: &Record) -> Option<DomainCgroup> {
         let placement = self.0.opts.cgroups.as_ref().filter(|_| record.cgroup)?;
         DomainCgroup::open(&placement.layout, &placement.parent, name, record.def.vcpus)
-            .map_err(|e| tracing::warn!(domain = name, error = %e, "cannot open the domain's cgroups"))
+            .map_err(
+                |e| tracing::warn!(domain = name, error = %e, "cannot open the domain's cgroups"),
+            )
             .ok()
     }
 
     /// Records how a VMM ended (called by its supervisor).
     pub(crate) fn exited(&self, name: &str, pid: u32, exit: Exit) {
-        let Some(live) = self.table().get(name).and_then(|d| d.live.clone()).filter(|l| l.record.pid == pid) else {
+        let Some(live) = self
+            .table()
+            .get(name)
+            .and_then(|d| d.live.clone())
+            .filter(|l| l.record.pid == pid)
+        else {
             return;
         };
         let (state, reason) = supervise::classify(&live, exit, &self.paths().vmm_log(name));
         supervise::cleanup(name, live.cgroup.as_ref(), &live.run_dir);
         tracing::info!(domain = name, pid, %state, %reason, "VMM ended");
         let mut table = self.table();
-        let Some(domain) = table.get_mut(name) else { return };
+        let Some(domain) = table.get_mut(name) else {
+            return;
+        };
         if !domain.persistent {
             table.remove(name);
             return;
@@ -581,20 +658,27 @@ fn inactive(def: DomainDef, persistent: bool) -> Domain {
 /// bad edit does not take the others down.
 fn load_definitions(paths: &Paths) -> BTreeMap<String, Domain> {
     let mut table = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(paths.domains_dir()) else { return table };
+    let Ok(entries) = std::fs::read_dir(paths.domains_dir()) else {
+        return table;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
         let loaded = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Io { path: path.clone(), source })
+            .map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })
             .and_then(|text| DomainDef::parse(&text, &path.display().to_string()));
         match loaded {
             Ok(def) if path.file_stem().is_some_and(|s| *s == *def.name) => {
                 table.insert(def.name.clone(), inactive(def, true));
             }
-            Ok(def) => tracing::warn!(file = %path.display(), name = def.name, "file name and domain name differ; skipped"),
+            Ok(def) => {
+                tracing::warn!(file = %path.display(), name = def.name, "file name and domain name differ; skipped")
+            }
             Err(e) => tracing::warn!(error = %e, "definition skipped"),
         }
     }
@@ -618,5 +702,7 @@ pub(crate) fn remove_dir(path: &Path) {
 }
 
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

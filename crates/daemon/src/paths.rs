@@ -46,7 +46,10 @@ impl Paths {
     /// `$OXVIRT_RUN_DIR` override them.
     pub fn for_mode(mode: Mode) -> Result<Self, PathsError> {
         let (state, run) = match mode {
-            Mode::System => (PathBuf::from("/var/lib/oxvirt"), PathBuf::from("/run/oxvirt")),
+            Mode::System => (
+                PathBuf::from("/var/lib/oxvirt"),
+                PathBuf::from("/run/oxvirt"),
+            ),
             Mode::Session => (session_state_dir()?, session_run_dir()),
         };
         Ok(Paths {
@@ -108,7 +111,9 @@ impl Paths {
 }
 
 fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn session_state_dir() -> Result<PathBuf, PathsError> {
@@ -146,16 +151,28 @@ mod tests {
 
     #[test]
     fn uris_map_to_sockets() {
-        assert_eq!(socket_for_uri("/tmp/x.sock").unwrap(), PathBuf::from("/tmp/x.sock"));
-        assert_eq!(socket_for_uri("unix:///tmp/y.sock").unwrap(), PathBuf::from("/tmp/y.sock"));
-        assert!(matches!(socket_for_uri("qemu:///system"), Err(PathsError::BadUri(_))));
+        assert_eq!(
+            socket_for_uri("/tmp/x.sock").unwrap(),
+            PathBuf::from("/tmp/x.sock")
+        );
+        assert_eq!(
+            socket_for_uri("unix:///tmp/y.sock").unwrap(),
+            PathBuf::from("/tmp/y.sock")
+        );
+        assert!(matches!(
+            socket_for_uri("qemu:///system"),
+            Err(PathsError::BadUri(_))
+        ));
     }
 
     #[test]
     fn layout_under_a_root() {
         let p = Paths::under(Path::new("/t"));
         assert_eq!(p.socket(), PathBuf::from("/t/run/oxvirtd.sock"));
-        assert_eq!(p.definition("web"), PathBuf::from("/t/state/domains/web.toml"));
+        assert_eq!(
+            p.definition("web"),
+            PathBuf::from("/t/state/domains/web.toml")
+        );
         assert_eq!(p.domain_run_dir("web"), PathBuf::from("/t/run/domains/web"));
     }
 }

@@ -56,7 +56,11 @@ impl RunSpec {
     /// The definition these flags describe; `--memory` without
     /// `--guest-memory` sizes both the RAM and the limit.
     pub fn into_definition(self) -> Result<DomainDef, RunSpecError> {
-        let limit = self.memory.as_deref().map(|m| bytes("memory", m)).transpose()?;
+        let limit = self
+            .memory
+            .as_deref()
+            .map(|m| bytes("memory", m))
+            .transpose()?;
         let guest = match self.guest_memory.as_deref() {
             Some(g) => Some(bytes("guest-memory", g)?),
             None => limit,
@@ -64,7 +68,12 @@ impl RunSpec {
         let swap = self
             .memory_swap
             .as_deref()
-            .map(|s| size::parse_memory_swap(s).map_err(|source| RunSpecError::Size { flag: "memory-swap", source }))
+            .map(|s| {
+                size::parse_memory_swap(s).map_err(|source| RunSpecError::Size {
+                    flag: "memory-swap",
+                    source,
+                })
+            })
             .transpose()?;
         if swap.is_some() && limit.is_none() {
             return Err(RunSpecError::Invalid {
@@ -76,16 +85,33 @@ impl RunSpec {
             .cpus
             .as_deref()
             .map(|c| {
-                size::parse_cpus(c).map_err(|source| RunSpecError::Size { flag: "cpus", source })?;
-                c.parse::<f64>().map_err(|e| RunSpecError::Invalid { flag: "cpus", reason: e.to_string() })
+                size::parse_cpus(c).map_err(|source| RunSpecError::Size {
+                    flag: "cpus",
+                    source,
+                })?;
+                c.parse::<f64>().map_err(|e| RunSpecError::Invalid {
+                    flag: "cpus",
+                    reason: e.to_string(),
+                })
             })
             .transpose()?;
         let name = self.name.unwrap_or_else(generated_name);
-        check_name(&name).map_err(|reason| RunSpecError::Invalid { flag: "name", reason })?;
-        let kernel = std::path::absolute(&self.kernel).map_err(|e| RunSpecError::Invalid { flag: "kernel", reason: e.to_string() })?;
+        check_name(&name).map_err(|reason| RunSpecError::Invalid {
+            flag: "name",
+            reason,
+        })?;
+        let kernel = std::path::absolute(&self.kernel).map_err(|e| RunSpecError::Invalid {
+            flag: "kernel",
+            reason: e.to_string(),
+        })?;
         let initrd = self
             .initrd
-            .map(|i| std::path::absolute(i).map_err(|e| RunSpecError::Invalid { flag: "initrd", reason: e.to_string() }))
+            .map(|i| {
+                std::path::absolute(i).map_err(|e| RunSpecError::Invalid {
+                    flag: "initrd",
+                    reason: e.to_string(),
+                })
+            })
             .transpose()?;
         Ok(DomainDef {
             name,
@@ -101,7 +127,12 @@ impl RunSpec {
                 cpuset_cpus: self.cpuset_cpus,
                 cpuset_mems: self.cpuset_mems,
                 memory_limit: limit.map(|l| ByteSize(l + VMM_OVERHEAD)),
-                memory_soft_limit: self.memory_reservation.as_deref().map(|r| bytes("memory-reservation", r)).transpose()?.map(ByteSize),
+                memory_soft_limit: self
+                    .memory_reservation
+                    .as_deref()
+                    .map(|r| bytes("memory-reservation", r))
+                    .transpose()?
+                    .map(ByteSize),
                 memory_swap: swap.map(|s| SwapSetting(with_overhead(s))),
                 pids_limit: self.pids_limit,
                 device_read_bps: self.device_read_bps,
@@ -136,45 +167,93 @@ mod tests {
     use super::*;
 
     fn spec() -> RunSpec {
-        RunSpec { name: Some("t".into()), kernel: "/k".into(), ..RunSpec::default() }
+        RunSpec {
+            name: Some("t".into()),
+            kernel: "/k".into(),
+            ..RunSpec::default()
+        }
     }
 
     #[test]
     fn memory_sets_ram_and_limit_with_overhead() {
-        let def = RunSpec { memory: Some("512m".into()), ..spec() }.into_definition().unwrap();
+        let def = RunSpec {
+            memory: Some("512m".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap();
         assert_eq!(def.memory.0, 512 << 20);
-        assert_eq!(def.resources.memory_limit.unwrap().0, (512 << 20) + VMM_OVERHEAD);
+        assert_eq!(
+            def.resources.memory_limit.unwrap().0,
+            (512 << 20) + VMM_OVERHEAD
+        );
         assert_eq!(def.resources.memory_swap, None);
     }
 
     #[test]
     fn guest_memory_overcommits() {
-        let def = RunSpec { memory: Some("128m".into()), guest_memory: Some("512m".into()), ..spec() }
-            .into_definition()
-            .unwrap();
+        let def = RunSpec {
+            memory: Some("128m".into()),
+            guest_memory: Some("512m".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap();
         assert_eq!(def.memory.0, 512 << 20);
-        assert_eq!(def.resources.memory_limit.unwrap().0, (128 << 20) + VMM_OVERHEAD);
+        assert_eq!(
+            def.resources.memory_limit.unwrap().0,
+            (128 << 20) + VMM_OVERHEAD
+        );
     }
 
     #[test]
     fn memory_swap_follows_docker() {
-        let def = RunSpec { memory: Some("128m".into()), memory_swap: Some("-1".into()), ..spec() }
-            .into_definition()
-            .unwrap();
-        assert_eq!(def.resources.memory_swap, Some(SwapSetting(MemorySwap::Unlimited)));
-        let def = RunSpec { memory: Some("128m".into()), memory_swap: Some("1g".into()), ..spec() }
-            .into_definition()
-            .unwrap();
-        assert_eq!(def.resources.memory_swap, Some(SwapSetting(MemorySwap::Limit((1 << 30) + VMM_OVERHEAD))));
-        let err = RunSpec { memory_swap: Some("1g".into()), ..spec() }.into_definition().unwrap_err();
+        let def = RunSpec {
+            memory: Some("128m".into()),
+            memory_swap: Some("-1".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap();
+        assert_eq!(
+            def.resources.memory_swap,
+            Some(SwapSetting(MemorySwap::Unlimited))
+        );
+        let def = RunSpec {
+            memory: Some("128m".into()),
+            memory_swap: Some("1g".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap();
+        assert_eq!(
+            def.resources.memory_swap,
+            Some(SwapSetting(MemorySwap::Limit((1 << 30) + VMM_OVERHEAD)))
+        );
+        let err = RunSpec {
+            memory_swap: Some("1g".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap_err();
         assert!(err.to_string().contains("--memory-swap"), "{err}");
     }
 
     #[test]
     fn bad_flags_name_the_flag() {
-        let err = RunSpec { cpus: Some("lots".into()), ..spec() }.into_definition().unwrap_err();
+        let err = RunSpec {
+            cpus: Some("lots".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap_err();
         assert!(err.to_string().starts_with("--cpus"), "{err}");
-        let err = RunSpec { name: Some("../x".into()), ..spec() }.into_definition().unwrap_err();
+        let err = RunSpec {
+            name: Some("../x".into()),
+            ..spec()
+        }
+        .into_definition()
+        .unwrap_err();
         assert!(err.to_string().starts_with("--name"), "{err}");
     }
 }

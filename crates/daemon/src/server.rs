@@ -51,7 +51,11 @@ impl DaemonOptions {
         } else {
             None
         };
-        Ok(ManagerOptions { paths: self.paths.clone(), vmm_binary: self.vmm_binary.clone(), cgroups })
+        Ok(ManagerOptions {
+            paths: self.paths.clone(),
+            vmm_binary: self.vmm_binary.clone(),
+            cgroups,
+        })
     }
 }
 
@@ -70,7 +74,8 @@ pub async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     // A socket file nobody answers on is a leftover of a killed daemon.
     crate::manager::remove_if_exists(&socket);
     let listener = UnixListener::bind(&socket).map_err(io(&socket))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(io(&socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(&socket))?;
     tracing::info!(socket = %socket.display(), "oxvirtd listening");
     let result = axum::serve(listener, crate::api::router(manager))
         .with_graceful_shutdown(terminated())
@@ -82,7 +87,10 @@ pub async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
 }
 
 async fn terminated() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("cannot watch for SIGTERM/SIGINT; stop the daemon with SIGKILL");
         return std::future::pending().await;
     };
@@ -97,6 +105,9 @@ pub fn run_blocking(opts: DaemonOptions) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|source| DaemonError::Io { path: PathBuf::from("tokio runtime"), source })?;
+        .map_err(|source| DaemonError::Io {
+            path: PathBuf::from("tokio runtime"),
+            source,
+        })?;
     runtime.block_on(serve(opts))
 }

@@ -28,7 +28,12 @@ pub struct VcpuPin {
 }
 
 impl Manager {
-    fn targets(&self, name: &str, modify: Modify, action: &'static str) -> Result<(Option<Live>, Option<DomainDef>), ManagerError> {
+    fn targets(
+        &self,
+        name: &str,
+        modify: Modify,
+        action: &'static str,
+    ) -> Result<(Option<Live>, Option<DomainDef>), ManagerError> {
         self.with(name, |d| {
             let active = d.live.is_some();
             let (live, config) = match (modify.live, modify.config) {
@@ -36,7 +41,12 @@ impl Manager {
                 flags => flags,
             };
             if live && !active {
-                return Err(ManagerError::InvalidState { domain: name.to_owned(), state: d.state, action, hint: " --live (it is not running)" });
+                return Err(ManagerError::InvalidState {
+                    domain: name.to_owned(),
+                    state: d.state,
+                    action,
+                    hint: " --live (it is not running)",
+                });
             }
             if config && !d.persistent {
                 return Err(ManagerError::Invalid {
@@ -45,7 +55,10 @@ impl Manager {
                     reason: "a transient domain has no definition to change".into(),
                 });
             }
-            Ok((d.live.clone().filter(|_| live), config.then(|| d.def.clone())))
+            Ok((
+                d.live.clone().filter(|_| live),
+                config.then(|| d.def.clone()),
+            ))
         })
     }
 
@@ -58,7 +71,10 @@ impl Manager {
         change: impl Fn(&mut Resources) -> Result<(), TuneError>,
         apply: impl FnOnce(&DomainCgroup, &DomainDef) -> Result<(), TuneError>,
     ) -> Result<(), ManagerError> {
-        let tune_err = |source| ManagerError::Tune { domain: name.to_owned(), source };
+        let tune_err = |source| ManagerError::Tune {
+            domain: name.to_owned(),
+            source,
+        };
         let (live, config) = self.targets(name, modify, action)?;
         // Check the definition side first, so a bad value changes nothing.
         let config = match config {
@@ -71,7 +87,10 @@ impl Manager {
         };
         if let Some(mut live) = live {
             let Some(cg) = live.cgroup.clone() else {
-                return Err(ManagerError::NoCgroups { domain: name.to_owned(), what: action });
+                return Err(ManagerError::NoCgroups {
+                    domain: name.to_owned(),
+                    what: action,
+                });
             };
             change(&mut live.record.def.resources).map_err(tune_err)?;
             apply(&cg, &live.record.def).map_err(tune_err)?;
@@ -97,12 +116,20 @@ impl Manager {
     pub fn schedinfo(&self, name: &str) -> Result<SchedInfo, ManagerError> {
         let (live, def) = self.with(name, |d| Ok((d.live.clone(), d.def.clone())))?;
         match live.and_then(|l| l.cgroup) {
-            Some(cg) => tune::read_schedinfo(&cg).map_err(|source| ManagerError::Tune { domain: name.to_owned(), source }),
+            Some(cg) => tune::read_schedinfo(&cg).map_err(|source| ManagerError::Tune {
+                domain: name.to_owned(),
+                source,
+            }),
             None => Ok(tune::config_schedinfo(&def.resources)),
         }
     }
 
-    pub fn set_schedinfo(&self, name: &str, change: &SchedInfo, modify: Modify) -> Result<SchedInfo, ManagerError> {
+    pub fn set_schedinfo(
+        &self,
+        name: &str,
+        change: &SchedInfo,
+        modify: Modify,
+    ) -> Result<SchedInfo, ManagerError> {
         self.tune(
             name,
             modify,
@@ -116,12 +143,20 @@ impl Manager {
     pub fn memtune(&self, name: &str) -> Result<MemTune, ManagerError> {
         let (live, def) = self.with(name, |d| Ok((d.live.clone(), d.def.clone())))?;
         match live.and_then(|l| l.cgroup) {
-            Some(cg) => tune::read_memtune(&cg).map_err(|source| ManagerError::Tune { domain: name.to_owned(), source }),
+            Some(cg) => tune::read_memtune(&cg).map_err(|source| ManagerError::Tune {
+                domain: name.to_owned(),
+                source,
+            }),
             None => Ok(tune::config_memtune(&def.resources)),
         }
     }
 
-    pub fn set_memtune(&self, name: &str, change: &MemTune, modify: Modify) -> Result<MemTune, ManagerError> {
+    pub fn set_memtune(
+        &self,
+        name: &str,
+        change: &MemTune,
+        modify: Modify,
+    ) -> Result<MemTune, ManagerError> {
         self.tune(
             name,
             modify,
@@ -136,14 +171,41 @@ impl Manager {
     pub fn vcpupin(&self, name: &str) -> Result<Vec<VcpuPin>, ManagerError> {
         let (live, def) = self.with(name, |d| Ok((d.live.clone(), d.def.clone())))?;
         let lists = match live.and_then(|l| l.cgroup) {
-            Some(cg) => tune::read_vcpupin(&cg, def.vcpus).map_err(|source| ManagerError::Tune { domain: name.to_owned(), source })?,
-            None => (0..def.vcpus).map(|v| def.resources.vcpupin.get(&v.to_string()).cloned().unwrap_or_default()).collect(),
+            Some(cg) => {
+                tune::read_vcpupin(&cg, def.vcpus).map_err(|source| ManagerError::Tune {
+                    domain: name.to_owned(),
+                    source,
+                })?
+            }
+            None => (0..def.vcpus)
+                .map(|v| {
+                    def.resources
+                        .vcpupin
+                        .get(&v.to_string())
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .collect(),
         };
-        Ok(lists.into_iter().enumerate().map(|(vcpu, cpulist)| VcpuPin { vcpu: vcpu as u32, cpulist }).collect())
+        Ok(lists
+            .into_iter()
+            .enumerate()
+            .map(|(vcpu, cpulist)| VcpuPin {
+                vcpu: vcpu as u32,
+                cpulist,
+            })
+            .collect())
     }
 
-    pub fn set_vcpupin(&self, name: &str, pin: &VcpuPin, modify: Modify) -> Result<Vec<VcpuPin>, ManagerError> {
-        let vcpus = self.with(name, |d| Ok(d.live.as_ref().map_or(&d.def, |l| &l.record.def).vcpus))?;
+    pub fn set_vcpupin(
+        &self,
+        name: &str,
+        pin: &VcpuPin,
+        modify: Modify,
+    ) -> Result<Vec<VcpuPin>, ManagerError> {
+        let vcpus = self.with(name, |d| {
+            Ok(d.live.as_ref().map_or(&d.def, |l| &l.record.def).vcpus)
+        })?;
         if pin.vcpu >= vcpus {
             return Err(ManagerError::Invalid {
                 domain: name.to_owned(),

@@ -14,7 +14,9 @@ use tokio::process::{Child, Command};
 use crate::config::DomainDef;
 use crate::domain::{is_same_process, process_start_ticks, Reason, Record, State};
 use crate::error::ManagerError;
-use crate::manager::{remove_dir, remove_if_exists, unix_now, Live, Manager, ManagerOptions, StopRequest};
+use crate::manager::{
+    remove_dir, remove_if_exists, unix_now, Live, Manager, ManagerOptions, StopRequest,
+};
 use crate::{tune, vmm_client};
 
 /// How a VMM ended.
@@ -68,7 +70,11 @@ pub fn vmm_args(def: &DomainDef, api: &Path, console_log: &Path) -> Vec<String> 
 
 /// Creates the cgroups, spawns the VMM, moves it and its vCPU threads into
 /// place and records it. On failure nothing is left running.
-pub(crate) async fn launch(opts: &ManagerOptions, def: &DomainDef, persistent: bool) -> Result<(Live, Waiter), ManagerError> {
+pub(crate) async fn launch(
+    opts: &ManagerOptions,
+    def: &DomainDef,
+    persistent: bool,
+) -> Result<(Live, Waiter), ManagerError> {
     let name = def.name.as_str();
     let paths = &opts.paths;
     let run_dir = paths.domain_run_dir(name);
@@ -105,7 +111,11 @@ pub(crate) async fn launch(opts: &ManagerOptions, def: &DomainDef, persistent: b
         Ok(child) => child,
         Err(source) => {
             abandon(name, None, cgroup.as_ref(), &run_dir).await;
-            return Err(ManagerError::Spawn { domain: name.to_owned(), binary: opts.vmm_binary.clone(), source });
+            return Err(ManagerError::Spawn {
+                domain: name.to_owned(),
+                binary: opts.vmm_binary.clone(),
+                source,
+            });
         }
     };
     match settle(def, &mut child, cgroup.as_ref(), &api, &vmm_log_path).await {
@@ -117,7 +127,11 @@ pub(crate) async fn launch(opts: &ManagerOptions, def: &DomainDef, persistent: b
                 def: def.clone(),
                 persistent,
                 vcpu_tids,
-                oom_base: cgroup.as_ref().and_then(|cg| cg.stats().ok()).and_then(|s| s.oom_kills).unwrap_or(0),
+                oom_base: cgroup
+                    .as_ref()
+                    .and_then(|cg| cg.stats().ok())
+                    .and_then(|s| s.oom_kills)
+                    .unwrap_or(0),
                 started_at: unix_now(),
                 cgroup: cgroup.is_some(),
             };
@@ -125,7 +139,16 @@ pub(crate) async fn launch(opts: &ManagerOptions, def: &DomainDef, persistent: b
                 abandon(name, Some(child), cgroup.as_ref(), &run_dir).await;
                 return Err(e.into());
             }
-            Ok((Live { record, cgroup, stop: None, api, run_dir }, Waiter::Child(child)))
+            Ok((
+                Live {
+                    record,
+                    cgroup,
+                    stop: None,
+                    api,
+                    run_dir,
+                },
+                Waiter::Child(child),
+            ))
         }
         Err(e) => {
             abandon(name, Some(child), cgroup.as_ref(), &run_dir).await;
@@ -134,20 +157,30 @@ pub(crate) async fn launch(opts: &ManagerOptions, def: &DomainDef, persistent: b
     }
 }
 
-fn create_cgroup(opts: &ManagerOptions, def: &DomainDef) -> Result<Option<DomainCgroup>, ManagerError> {
+fn create_cgroup(
+    opts: &ManagerOptions,
+    def: &DomainDef,
+) -> Result<Option<DomainCgroup>, ManagerError> {
     let name = def.name.as_str();
     let Some(placement) = &opts.cgroups else {
         if def.resources != Default::default() {
-            return Err(ManagerError::NoCgroups { domain: name.to_owned(), what: "[resources]" });
+            return Err(ManagerError::NoCgroups {
+                domain: name.to_owned(),
+                what: "[resources]",
+            });
         }
         return Ok(None);
     };
-    let tune_err = |source| ManagerError::Tune { domain: name.to_owned(), source };
+    let tune_err = |source| ManagerError::Tune {
+        domain: name.to_owned(),
+        source,
+    };
     // A leftover from a VMM that died with a previous daemon.
     if let Ok(stale) = DomainCgroup::open(&placement.layout, &placement.parent, name, def.vcpus) {
         stale.destroy().map_err(|e| tune_err(e.into()))?;
     }
-    let cg = DomainCgroup::create(&placement.layout, &placement.parent, name, def.vcpus).map_err(|e| tune_err(e.into()))?;
+    let cg = DomainCgroup::create(&placement.layout, &placement.parent, name, def.vcpus)
+        .map_err(|e| tune_err(e.into()))?;
     if let Err(e) = tune::apply_domain(&cg, &def.resources) {
         // Best effort: the group is empty and ours.
         let _ = cg.destroy();
@@ -165,29 +198,49 @@ async fn settle(
     vmm_log: &Path,
 ) -> Result<Vec<u32>, ManagerError> {
     let name = def.name.as_str();
-    let failed = |detail: String| ManagerError::StartFailed { domain: name.to_owned(), detail };
-    let tune_err = |source| ManagerError::Tune { domain: name.to_owned(), source };
-    let pid = child.id().ok_or_else(|| failed("the VMM exited at once".into()))?;
+    let failed = |detail: String| ManagerError::StartFailed {
+        domain: name.to_owned(),
+        detail,
+    };
+    let tune_err = |source| ManagerError::Tune {
+        domain: name.to_owned(),
+        source,
+    };
+    let pid = child
+        .id()
+        .ok_or_else(|| failed("the VMM exited at once".into()))?;
     if let Some(cg) = cgroup {
         cg.attach_process(pid).map_err(|e| tune_err(e.into()))?;
     }
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(failed(format!("the VMM exited ({status}): {}", log_tail(vmm_log))));
+            return Err(failed(format!(
+                "the VMM exited ({status}): {}",
+                log_tail(vmm_log)
+            )));
         }
         if vmm_client::query_status(api).await.is_ok() {
             break;
         }
         if Instant::now() > deadline {
-            return Err(failed(format!("no control socket at {} after {START_TIMEOUT:?}", api.display())));
+            return Err(failed(format!(
+                "no control socket at {} after {START_TIMEOUT:?}",
+                api.display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let tids = vmm_client::vcpu_threads(api).await.map_err(|source| ManagerError::Vmm { domain: name.to_owned(), source })?;
+    let tids = vmm_client::vcpu_threads(api)
+        .await
+        .map_err(|source| ManagerError::Vmm {
+            domain: name.to_owned(),
+            source,
+        })?;
     if let Some(cg) = cgroup {
         for (vcpu, tid) in tids.iter().enumerate() {
-            cg.attach_thread(Scope::Vcpu(vcpu as u32), *tid).map_err(|e| tune_err(e.into()))?;
+            cg.attach_thread(Scope::Vcpu(vcpu as u32), *tid)
+                .map_err(|e| tune_err(e.into()))?;
         }
         tune::apply_vcpus(cg, def).map_err(tune_err)?;
     }
@@ -260,7 +313,11 @@ pub(crate) fn classify(live: &Live, exit: Exit, vmm_log: &Path) -> (State, Reaso
         Some(StopRequest::Shutdown) => return (State::ShutOff, Reason::Shutdown),
         None => {}
     }
-    let oom_kills = live.cgroup.as_ref().and_then(|cg| cg.stats().ok()).and_then(|s| s.oom_kills);
+    let oom_kills = live
+        .cgroup
+        .as_ref()
+        .and_then(|cg| cg.stats().ok())
+        .and_then(|s| s.oom_kills);
     if oom_kills.is_some_and(|n| n > live.record.oom_base) {
         return (State::Crashed, Reason::Oom);
     }
@@ -285,7 +342,9 @@ fn vmm_error(vmm_log: &Path) -> Option<String> {
 
 /// The last few hundred bytes the VMM wrote to its log.
 fn log_tail(path: &Path) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map_or(0, |m| m.len());
     let start = len.saturating_sub(512);
     let mut text = String::new();

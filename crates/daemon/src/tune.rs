@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use host::cgroup::{CgroupError, CpuList, DeviceNumber, DomainCgroup, MemoryLimits, Scope, ThrottleKind};
+use host::cgroup::{
+    CgroupError, CpuList, DeviceNumber, DomainCgroup, MemoryLimits, Scope, ThrottleKind,
+};
 pub use host::size::parse_bytes;
 use host::size::{self, CpuQuota, MemorySwap, SizeError};
 use serde::{Deserialize, Serialize};
@@ -73,10 +75,26 @@ pub fn apply_domain(cg: &DomainCgroup, r: &Resources) -> Result<(), TuneError> {
 
 fn apply_throttles(cg: &DomainCgroup, r: &Resources) -> Result<(), TuneError> {
     let groups = [
-        ("resources.device_read_bps", &r.device_read_bps, ThrottleKind::ReadBps),
-        ("resources.device_write_bps", &r.device_write_bps, ThrottleKind::WriteBps),
-        ("resources.device_read_iops", &r.device_read_iops, ThrottleKind::ReadIops),
-        ("resources.device_write_iops", &r.device_write_iops, ThrottleKind::WriteIops),
+        (
+            "resources.device_read_bps",
+            &r.device_read_bps,
+            ThrottleKind::ReadBps,
+        ),
+        (
+            "resources.device_write_bps",
+            &r.device_write_bps,
+            ThrottleKind::WriteBps,
+        ),
+        (
+            "resources.device_read_iops",
+            &r.device_read_iops,
+            ThrottleKind::ReadIops,
+        ),
+        (
+            "resources.device_write_iops",
+            &r.device_write_iops,
+            ThrottleKind::WriteIops,
+        ),
     ];
     for (field, specs, kind) in groups {
         for spec in specs {
@@ -119,11 +137,12 @@ fn vcpu_quota(quota: Option<u64>, period: Option<u64>) -> Option<CpuQuota> {
 }
 
 fn cpu_list(field: &'static str, text: &str) -> Result<CpuList, TuneError> {
-    text.parse().map_err(|e: host::cgroup::CpuListError| TuneError::Invalid {
-        field,
-        value: text.to_owned(),
-        reason: e.to_string(),
-    })
+    text.parse()
+        .map_err(|e: host::cgroup::CpuListError| TuneError::Invalid {
+            field,
+            value: text.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// virsh schedinfo's parameters.

@@ -78,7 +78,13 @@ async fn exchange(socket: &Path, command: &str) -> Result<Value, VmmClientError>
             return Ok(value.clone());
         }
         if let Some(error) = reply.get("error") {
-            let text = |key| error.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let text = |key| {
+                error
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
             return Err(VmmClientError::Command {
                 path: socket.to_owned(),
                 command: command.to_owned(),
@@ -115,8 +121,14 @@ pub async fn vcpu_threads(socket: &Path) -> Result<Vec<u32>, VmmClientError> {
     let cpus = value.as_array().ok_or_else(protocol)?;
     let mut tids = vec![0; cpus.len()];
     for cpu in cpus {
-        let index = cpu.get("cpu-index").and_then(Value::as_u64).ok_or_else(protocol)? as usize;
-        let tid = cpu.get("thread-id").and_then(Value::as_u64).ok_or_else(protocol)?;
+        let index = cpu
+            .get("cpu-index")
+            .and_then(Value::as_u64)
+            .ok_or_else(protocol)? as usize;
+        let tid = cpu
+            .get("thread-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(protocol)?;
         *tids.get_mut(index).ok_or_else(protocol)? = u32::try_from(tid).map_err(|_| protocol())?;
     }
     Ok(tids)

@@ -15,7 +15,10 @@ fn kernel(dir: &Path) -> PathBuf {
 }
 
 fn toml(name: &str, kernel: &Path) -> String {
-    format!("name = \"{name}\"\nmemory = \"64m\"\nvcpus = 2\nkernel = \"{}\"\n", kernel.display())
+    format!(
+        "name = \"{name}\"\nmemory = \"64m\"\nvcpus = 2\nkernel = \"{}\"\n",
+        kernel.display()
+    )
 }
 
 async fn manager(dir: &Path) -> Manager {
@@ -30,7 +33,11 @@ async fn manager(dir: &Path) -> Manager {
 
 fn files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -47,14 +54,24 @@ fn toml_errors_name_the_line() {
 fn unknown_keys_are_errors_with_their_line() {
     let text = "name = \"a\"\nkernel = \"/k\"\n\n[resources]\ncpu_share = 5\n";
     let err = DomainDef::parse(text, "a.toml").unwrap_err().to_string();
-    assert!(err.contains("line 5") && err.contains("unknown field `cpu_share`"), "{err}");
-    let err = DomainDef::parse("name = \"a\"\nkernel = \"/k\"\ncolour = 1\n", "a.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("line 5") && err.contains("unknown field `cpu_share`"),
+        "{err}"
+    );
+    let err = DomainDef::parse("name = \"a\"\nkernel = \"/k\"\ncolour = 1\n", "a.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("line 3") && err.contains("colour"), "{err}");
 }
 
 #[test]
 fn bad_sizes_and_values_are_reported() {
-    let err = DomainDef::parse("name = \"a\"\nkernel = \"/k\"\nmemory = \"12 parsecs\"\n", "a.toml").unwrap_err().to_string();
+    let err = DomainDef::parse(
+        "name = \"a\"\nkernel = \"/k\"\nmemory = \"12 parsecs\"\n",
+        "a.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("line 3"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let k = kernel(dir.path());
@@ -65,11 +82,23 @@ fn bad_sizes_and_values_are_reported() {
     };
     check("[resources]\ncpu_shares = 1\n", "resources.cpu_shares");
     check("[resources]\ncpus = 0.001\n", "resources.cpus");
-    check("[resources]\ncpuset_cpus = \"3-1\"\n", "resources.cpuset_cpus");
-    check("[resources]\nmemory_limit = \"1m\"\n", "resources.memory_limit");
-    check("[resources]\nmemory_swap = \"1g\"\n", "resources.memory_swap");
+    check(
+        "[resources]\ncpuset_cpus = \"3-1\"\n",
+        "resources.cpuset_cpus",
+    );
+    check(
+        "[resources]\nmemory_limit = \"1m\"\n",
+        "resources.memory_limit",
+    );
+    check(
+        "[resources]\nmemory_swap = \"1g\"\n",
+        "resources.memory_swap",
+    );
     check("[resources.vcpupin]\n7 = \"0\"\n", "resources.vcpupin");
-    check("[resources]\ndevice_read_bps = [\"vda:1mb\"]\n", "resources.device_read_bps");
+    check(
+        "[resources]\ndevice_read_bps = [\"vda:1mb\"]\n",
+        "resources.device_read_bps",
+    );
     let def = DomainDef::parse(&toml("a", &k).replace("vcpus = 2", "vcpus = 0"), "a.toml").unwrap();
     assert!(def.validate().unwrap_err().to_string().contains("vcpus"));
     let def = DomainDef::parse(&toml("a", &k).replace("64m", "3m"), "a.toml").unwrap();
@@ -119,24 +148,43 @@ async fn define_checks_before_writing() {
     let m = manager(dir.path()).await;
     let domains = Paths::under(dir.path()).domains_dir();
 
-    let err = m.define("name = \"a\"\nkernel = [\n", "bad.toml").await.unwrap_err();
+    let err = m
+        .define("name = \"a\"\nkernel = [\n", "bad.toml")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "parse_error");
     assert!(err.to_string().starts_with("bad.toml: line "), "{err}");
 
-    let err = m.define(&format!("{}vcpu = 2\n", toml("a", &k)), "typo.toml").await.unwrap_err();
+    let err = m
+        .define(&format!("{}vcpu = 2\n", toml("a", &k)), "typo.toml")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
 
     let missing = toml("a", &dir.path().join("no-such-kernel"));
     let err = m.define(&missing, "a.toml").await.unwrap_err();
-    assert_eq!((err.code(), err.field()), ("invalid_argument", Some("kernel")));
+    assert_eq!(
+        (err.code(), err.field()),
+        ("invalid_argument", Some("kernel"))
+    );
     assert!(err.to_string().contains("no-such-kernel"), "{err}");
-    assert!(files(&domains).is_empty(), "nothing written: {:?}", files(&domains));
+    assert!(
+        files(&domains).is_empty(),
+        "nothing written: {:?}",
+        files(&domains)
+    );
 
     m.define(&toml("a", &k), "a.toml").await.unwrap();
     let before = std::fs::read_to_string(domains.join("a.toml")).unwrap();
-    let err = m.define(&toml("a", &k).replace("64m", "128m"), "a2.toml").await.unwrap_err();
+    let err = m
+        .define(&toml("a", &k).replace("64m", "128m"), "a2.toml")
+        .await
+        .unwrap_err();
     assert!(matches!(err, ManagerError::Exists { .. }), "{err}");
-    assert_eq!(std::fs::read_to_string(domains.join("a.toml")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(domains.join("a.toml")).unwrap(),
+        before
+    );
     assert_eq!(files(&domains), vec!["a.toml"]);
 }
 
@@ -159,7 +207,10 @@ async fn definitions_survive_a_manager_restart_and_broken_files_are_skipped() {
     let info = m.info("keep").unwrap();
     assert!(info.autostart && info.persistent);
     // Autostart tried and failed (no VMM binary): the domain stays defined, shut off.
-    assert_eq!(m.state("keep").unwrap().state, daemon::domain::State::ShutOff);
+    assert_eq!(
+        m.state("keep").unwrap().state,
+        daemon::domain::State::ShutOff
+    );
     assert_eq!(m.config_text("keep").unwrap(), toml("keep", &k));
 }
 
@@ -169,7 +220,11 @@ async fn verbs_on_inactive_or_unknown_domains_fail_clearly() {
     let k = kernel(dir.path());
     let m = manager(dir.path()).await;
     m.define(&toml("a", &k), "a.toml").await.unwrap();
-    for err in [m.suspend("a").await.unwrap_err(), m.destroy("a").await.unwrap_err(), m.reboot("a").await.unwrap_err()] {
+    for err in [
+        m.suspend("a").await.unwrap_err(),
+        m.destroy("a").await.unwrap_err(),
+        m.reboot("a").await.unwrap_err(),
+    ] {
         assert_eq!(err.code(), "invalid_state", "{err}");
         assert!(err.to_string().contains("\"a\" is shut off"), "{err}");
     }

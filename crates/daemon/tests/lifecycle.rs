@@ -34,12 +34,18 @@ fn heavy_lifecycle_define_start_suspend_resume_shutdown_destroy_undefine() {
     // The VMM sits in `emulator`, each vCPU thread in its own group.
     assert!(thread_cgroups(pid, pid).contains(&format!("{}/web/emulator", d.cgroup_parent)));
     for (i, tid) in info.vcpu_tids.iter().enumerate() {
-        assert!(thread_cgroups(pid, *tid).contains(&format!("{}/web/vcpu{i}", d.cgroup_parent)), "vcpu{i}");
+        assert!(
+            thread_cgroups(pid, *tid).contains(&format!("{}/web/vcpu{i}", d.cgroup_parent)),
+            "vcpu{i}"
+        );
     }
 
     // Bad requests on a running domain change nothing.
     let err = d.fails(&["start", "web"]);
-    assert!(err.contains("domain \"web\" is running: cannot start"), "{err}");
+    assert!(
+        err.contains("domain \"web\" is running: cannot start"),
+        "{err}"
+    );
     let err = d.fails(&["undefine", "web"]);
     assert!(err.contains("without --force"), "{err}");
     assert!(stored.exists());
@@ -55,12 +61,21 @@ fn heavy_lifecycle_define_start_suspend_resume_shutdown_destroy_undefine() {
     std::thread::sleep(Duration::from_millis(500));
     let paused_used = cpu(&d) - paused_from;
     d.ok(&["resume", "web"]);
-    assert_eq!(d.ok(&["domstate", "web", "--reason"]), "running (unpaused)\n");
+    assert_eq!(
+        d.ok(&["domstate", "web", "--reason"]),
+        "running (unpaused)\n"
+    );
     let running_from = cpu(&d);
     std::thread::sleep(Duration::from_millis(500));
     let running_used = cpu(&d) - running_from;
-    assert!(paused_used < 50_000_000, "paused domain used {paused_used} ns");
-    assert!(running_used > 5 * paused_used.max(10_000_000), "running {running_used} ns vs paused {paused_used} ns");
+    assert!(
+        paused_used < 50_000_000,
+        "paused domain used {paused_used} ns"
+    );
+    assert!(
+        running_used > 5 * paused_used.max(10_000_000),
+        "running {running_used} ns vs paused {paused_used} ns"
+    );
 
     d.ok(&["reboot", "web"]);
     assert_eq!(d.info("web").pid, Some(pid));
@@ -69,14 +84,23 @@ fn heavy_lifecycle_define_start_suspend_resume_shutdown_destroy_undefine() {
     let cgroup = d.cgroup_dir("cpu", "web", "");
     assert!(run_dir.join("api.sock").exists() && cgroup.exists());
     d.ok(&["shutdown", "web", "--timeout", "1"]);
-    assert_eq!(d.ok(&["domstate", "web", "--reason"]), "shut off (shutdown)\n");
+    assert_eq!(
+        d.ok(&["domstate", "web", "--reason"]),
+        "shut off (shutdown)\n"
+    );
     assert!(!run_dir.exists(), "runtime folder left behind");
     assert!(!cgroup.exists(), "cgroup left behind");
-    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(), "VMM still alive");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
+        "VMM still alive"
+    );
 
     d.ok(&["start", "web"]);
     d.ok(&["destroy", "web"]);
-    assert_eq!(d.ok(&["domstate", "web", "--reason"]), "shut off (destroyed)\n");
+    assert_eq!(
+        d.ok(&["domstate", "web", "--reason"]),
+        "shut off (destroyed)\n"
+    );
     assert!(d.ok(&["dumpconfig", "web"]).contains("name = \"web\""));
 
     d.ok(&["undefine", "web"]);
@@ -92,12 +116,19 @@ fn heavy_vmm_killed_from_outside_is_crashed_and_cleaned_up() {
         return;
     }
     let d = Daemon::start();
-    d.ok(&["define", d.definition("victim", FOREVER, "").to_str().unwrap()]);
+    d.ok(&[
+        "define",
+        d.definition("victim", FOREVER, "").to_str().unwrap(),
+    ]);
     d.ok(&["start", "victim"]);
     let pid = d.info("victim").pid.unwrap();
     let cgroup = d.cgroup_dir("memory", "victim", "");
     assert!(cgroup.exists());
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let info = d.wait_state("victim", "crashed", WAIT);
     assert_eq!(info.reason, "signal 9");
     assert_eq!(info.pid, None);
@@ -114,8 +145,14 @@ fn heavy_running_domains_survive_a_daemon_restart_and_autostart_starts() {
         return;
     }
     let mut d = Daemon::start();
-    d.ok(&["define", d.definition("keeps", FOREVER, "").to_str().unwrap()]);
-    d.ok(&["define", d.definition("auto", FOREVER, "").to_str().unwrap()]);
+    d.ok(&[
+        "define",
+        d.definition("keeps", FOREVER, "").to_str().unwrap(),
+    ]);
+    d.ok(&[
+        "define",
+        d.definition("auto", FOREVER, "").to_str().unwrap(),
+    ]);
     let out = d.ok(&["autostart", "auto"]);
     assert!(out.contains("marked as autostarted"), "{out}");
     d.ok(&["start", "keeps"]);
@@ -123,19 +160,32 @@ fn heavy_running_domains_survive_a_daemon_restart_and_autostart_starts() {
     let pid = d.info("keeps").pid.unwrap();
 
     d.stop();
-    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok(), "the VMM died with the daemon");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok(),
+        "the VMM died with the daemon"
+    );
     d.launch();
 
     let keeps = d.info("keeps");
-    assert_eq!((keeps.state.to_string(), keeps.pid), ("paused".to_owned(), Some(pid)));
+    assert_eq!(
+        (keeps.state.to_string(), keeps.pid),
+        ("paused".to_owned(), Some(pid))
+    );
     let auto = d.info("auto");
     assert_eq!(auto.state.to_string(), "running", "autostart: {}", d.log());
     assert!(auto.autostart);
     // The adopted VMM is still under control, and its end is still noticed.
     d.ok(&["resume", "keeps"]);
     d.ok(&["destroy", "keeps"]);
-    assert_eq!(d.ok(&["domstate", "keeps", "--reason"]), "shut off (destroyed)\n");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.info("auto").pid.unwrap() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(
+        d.ok(&["domstate", "keeps", "--reason"]),
+        "shut off (destroyed)\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.info("auto").pid.unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     // This daemon started it, so it sees the signal.
     assert_eq!(d.wait_state("auto", "crashed", WAIT).reason, "signal 9");
     assert!(!d.cgroup_dir("cpu", "auto", "").exists());
@@ -153,16 +203,29 @@ fn heavy_bad_definitions_through_the_cli_change_nothing() {
     }
     let d = Daemon::start();
     let bad = d.dir.path().join("bad.toml");
-    std::fs::write(&bad, "name = \"bad\"\nmemory = \"64m\"\nkernel = \"/nope\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\nmemory = \"64m\"\nkernel = \"/nope\"\n",
+    )
+    .unwrap();
     let err = d.fails(&["define", bad.to_str().unwrap()]);
     assert!(err.contains("kernel") && err.contains("/nope"), "{err}");
     std::fs::write(&bad, "name = \"bad\"\n\n[resources]\ncpu_shares = \n").unwrap();
     let err = d.fails(&["define", bad.to_str().unwrap()]);
     assert!(err.contains("bad.toml: line 4"), "{err}");
-    std::fs::write(&bad, "name = \"bad\"\nkernel = \"/nope\"\nmemroy = \"1g\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\nkernel = \"/nope\"\nmemroy = \"1g\"\n",
+    )
+    .unwrap();
     let err = d.fails(&["define", bad.to_str().unwrap()]);
     assert!(err.contains("line 3") && err.contains("memroy"), "{err}");
-    assert_eq!(std::fs::read_dir(d.state_dir().join("domains")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.state_dir().join("domains"))
+            .unwrap()
+            .count(),
+        0
+    );
     let err = d.fails(&["start", "ghost"]);
     assert!(err.contains("domain \"ghost\" not found"), "{err}");
 }

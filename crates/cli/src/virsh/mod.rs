@@ -24,7 +24,11 @@ pub struct Connect {
 
 impl Connect {
     fn client(&self) -> anyhow::Result<Client> {
-        let uri = self.uri.clone().or_else(|| std::env::var("OXVIRT_DEFAULT_CONNECT_URI").ok().filter(|u| !u.is_empty()));
+        let uri = self.uri.clone().or_else(|| {
+            std::env::var("OXVIRT_DEFAULT_CONNECT_URI")
+                .ok()
+                .filter(|u| !u.is_empty())
+        });
         let socket = match uri {
             Some(uri) => socket_for_uri(&uri)?,
             None => Paths::for_mode(Mode::for_current_user())?.socket(),
@@ -111,7 +115,10 @@ pub struct ModifyArgs {
 
 impl ModifyArgs {
     fn modify(self) -> Modify {
-        Modify { live: self.live || self.current, config: self.config || self.current }
+        Modify {
+            live: self.live || self.current,
+            config: self.config || self.current,
+        }
     }
 }
 
@@ -247,8 +254,13 @@ pub enum Verb {
 pub fn run(verb: Verb) -> anyhow::Result<u8> {
     match verb {
         Verb::Define(a) => {
-            let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-            let info = wait(a.connect.client()?.define(&text, &a.file.display().to_string()))?;
+            let text = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            let info = wait(
+                a.connect
+                    .client()?
+                    .define(&text, &a.file.display().to_string()),
+            )?;
             println!("Domain '{}' defined from {}", info.name, a.file.display());
         }
         Verb::Undefine(a) => {
@@ -281,7 +293,12 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Dumpconfig(d) => print!("{}", wait(d.connect.client()?.config(&d.domain))?),
         Verb::Autostart(a) => {
             let enabled = !a.disable;
-            wait(a.dom.connect.client()?.set_autostart(&a.dom.domain, enabled))?;
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .set_autostart(&a.dom.domain, enabled),
+            )?;
             match enabled {
                 true => println!("Domain '{}' marked as autostarted", a.dom.domain),
                 false => println!("Domain '{}' unmarked as autostarted", a.dom.domain),
@@ -296,7 +313,9 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
 }
 
 /// One API call, run to completion.
-fn wait<T>(call: impl std::future::Future<Output = Result<T, daemon::client::ClientError>>) -> anyhow::Result<T> {
+fn wait<T>(
+    call: impl std::future::Future<Output = Result<T, daemon::client::ClientError>>,
+) -> anyhow::Result<T> {
     Ok(block_on(call)??)
 }
 
@@ -312,7 +331,12 @@ fn schedinfo(a: SchedinfoArgs) -> anyhow::Result<()> {
         false => Some(parse_schedinfo(&a.set)?),
     };
     let modify = a.modify.modify();
-    let info = wait(a.dom.connect.client()?.schedinfo(&a.dom.domain, change.as_ref(), modify))?;
+    let info = wait(
+        a.dom
+            .connect
+            .client()?
+            .schedinfo(&a.dom.domain, change.as_ref(), modify),
+    )?;
     print::schedinfo(&info);
     Ok(())
 }
@@ -320,7 +344,9 @@ fn schedinfo(a: SchedinfoArgs) -> anyhow::Result<()> {
 fn parse_schedinfo(set: &[String]) -> anyhow::Result<SchedInfo> {
     let mut info = SchedInfo::default();
     for item in set {
-        let (key, value) = item.split_once('=').with_context(|| format!("--set {item:?}: expected KEY=VALUE"))?;
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("--set {item:?}: expected KEY=VALUE"))?;
         let bad = |e: std::num::ParseIntError| anyhow::anyhow!("--set {key}={value:?}: {e}");
         match key {
             "cpu_shares" => info.cpu_shares = Some(value.parse().map_err(bad)?),
@@ -345,10 +371,17 @@ fn memtune_size(flag: &str, text: &str) -> anyhow::Result<i64> {
 }
 
 fn memtune(a: MemtuneArgs) -> anyhow::Result<()> {
-    let sizes = [("hard-limit", &a.hard_limit), ("soft-limit", &a.soft_limit), ("swap-hard-limit", &a.swap_hard_limit)];
+    let sizes = [
+        ("hard-limit", &a.hard_limit),
+        ("soft-limit", &a.soft_limit),
+        ("swap-hard-limit", &a.swap_hard_limit),
+    ];
     let mut parsed = [None; 3];
     for (slot, (flag, value)) in parsed.iter_mut().zip(sizes) {
-        *slot = value.as_deref().map(|v| memtune_size(flag, v)).transpose()?;
+        *slot = value
+            .as_deref()
+            .map(|v| memtune_size(flag, v))
+            .transpose()?;
     }
     let change = parsed.iter().any(Option::is_some).then_some(MemTune {
         hard_limit: parsed[0],
@@ -356,7 +389,12 @@ fn memtune(a: MemtuneArgs) -> anyhow::Result<()> {
         swap_hard_limit: parsed[2],
     });
     let modify = a.modify.modify();
-    let info = wait(a.dom.connect.client()?.memtune(&a.dom.domain, change.as_ref(), modify))?;
+    let info = wait(
+        a.dom
+            .connect
+            .client()?
+            .memtune(&a.dom.domain, change.as_ref(), modify),
+    )?;
     print::memtune(&info);
     Ok(())
 }
@@ -368,7 +406,12 @@ fn vcpupin(a: VcpupinArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let modify = a.modify.modify();
-    let pins = wait(a.dom.connect.client()?.vcpupin(&a.dom.domain, pin.as_ref(), modify))?;
+    let pins = wait(
+        a.dom
+            .connect
+            .client()?
+            .vcpupin(&a.dom.domain, pin.as_ref(), modify),
+    )?;
     print::vcpupin(&pins);
     Ok(())
 }

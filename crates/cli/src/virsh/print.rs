@@ -34,14 +34,23 @@ pub fn dominfo(i: &DomainInfo) {
         println!("{:<16}{:.1}s", "CPU time:", ns as f64 / 1e9);
     }
     println!("{:<16}{} KiB", "Max memory:", i.memory / 1024);
-    println!("{:<16}{}", "Memory limit:", i.memory_limit.map_or("unlimited".to_owned(), |l| format!("{} KiB", l / 1024)));
+    println!(
+        "{:<16}{}",
+        "Memory limit:",
+        i.memory_limit
+            .map_or("unlimited".to_owned(), |l| format!("{} KiB", l / 1024))
+    );
     if let Some(used) = i.memory_usage {
         println!("{:<16}{} KiB", "Used memory:", used / 1024);
     }
     if let Some(oom) = i.oom_kills {
         println!("{:<16}{}", "OOM kills:", oom);
     }
-    println!("{:<16}{}", "Persistent:", if i.persistent { "yes" } else { "no" });
+    println!(
+        "{:<16}{}",
+        "Persistent:",
+        if i.persistent { "yes" } else { "no" }
+    );
     println!("{:<16}{}", "Autostart:", yes_no(i.autostart));
     if let Some(code) = i.exit_code {
         println!("{:<16}{}", "Exit status:", code);
@@ -74,7 +83,11 @@ pub fn vcpupin(pins: &[VcpuPin]) {
     println!(" {:<6} {}", "VCPU", "CPU Affinity");
     println!("{}", "-".repeat(22));
     for p in pins {
-        let list = if p.cpulist.is_empty() { "*" } else { &p.cpulist };
+        let list = if p.cpulist.is_empty() {
+            "*"
+        } else {
+            &p.cpulist
+        };
         println!(" {:<6} {list}", p.vcpu);
     }
 }

@@ -30,8 +30,14 @@ pub fn oxvirt_bin() -> PathBuf {
 pub fn prerequisites() -> bool {
     testkit::require_kvm()
         && testkit::require_root()
-        && testkit::require(oxvirt_bin().exists(), "the oxvirt binary is missing (cargo build --release)")
-        && testkit::require(testkit::probe_binary().exists(), "the probe guest is missing (cargo build --release)")
+        && testkit::require(
+            oxvirt_bin().exists(),
+            "the oxvirt binary is missing (cargo build --release)",
+        )
+        && testkit::require(
+            testkit::probe_binary().exists(),
+            "the probe guest is missing (cargo build --release)",
+        )
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -45,8 +51,16 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cgroup_parent = format!("oxvirt-test-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let mut daemon = Daemon { dir, cgroup_parent, child: None };
+        let cgroup_parent = format!(
+            "oxvirt-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut daemon = Daemon {
+            dir,
+            cgroup_parent,
+            child: None,
+        };
         daemon.launch();
         daemon
     }
@@ -69,7 +83,11 @@ impl Daemon {
 
     /// Starts the daemon process and waits for its socket.
     pub fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
         let child = Command::new(oxvirt_bin())
             .args(["daemon", "--state-dir"])
             .arg(self.state_dir())
@@ -85,7 +103,11 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while block_on(self.client().version()).unwrap().is_err() {
-            assert!(Instant::now() < deadline, "oxvirtd did not come up: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "oxvirtd did not come up: {}",
+                self.log()
+            );
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("oxvirtd exited ({status}): {}", self.log());
             }
@@ -119,14 +141,23 @@ impl Daemon {
     /// Runs a verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "oxvirt {args:?}: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "oxvirt {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs a verb that must fail; returns its stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(!out.status.success(), "oxvirt {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "oxvirt {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -142,7 +173,13 @@ impl Daemon {
             if info.state.to_string() == state {
                 return info;
             }
-            assert!(Instant::now() < deadline, "{name} still {} ({}), wanted {state}\n{}", info.state, info.reason, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{name} still {} ({}), wanted {state}\n{}",
+                info.state,
+                info.reason,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -162,7 +199,12 @@ impl Daemon {
     /// or "emulator", "vcpu0") in the `controller` hierarchy.
     pub fn cgroup_dir(&self, controller: &str, domain: &str, scope: &str) -> PathBuf {
         let own = own_cgroup(controller);
-        Path::new("/sys/fs/cgroup").join(controller).join(own.trim_start_matches('/')).join(&self.cgroup_parent).join(domain).join(scope)
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(own.trim_start_matches('/'))
+            .join(&self.cgroup_parent)
+            .join(domain)
+            .join(scope)
     }
 }
 
@@ -182,7 +224,10 @@ fn own_cgroup(controller: &str) -> String {
 }
 
 pub fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_owned()
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
 }
 
 /// The cgroup paths (all hierarchies) of a thread, from /proc.
@@ -202,9 +247,14 @@ impl Drop for Daemon {
             }
         }
         self.stop();
-        for controller in ["cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "unified"] {
+        for controller in [
+            "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "unified",
+        ] {
             let own = own_cgroup(controller);
-            let dir = Path::new("/sys/fs/cgroup").join(controller).join(own.trim_start_matches('/')).join(&self.cgroup_parent);
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(own.trim_start_matches('/'))
+                .join(&self.cgroup_parent);
             // Only empty folders go; a leftover means a bug the test reports elsewhere.
             let _ = std::fs::remove_dir(dir);
         }
