@@ -6,6 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{prerequisites, read, thread_cgroups, Daemon};
+use daemon::client::{block_on, ClientError};
+use hyper::Method;
 
 /// A guest that runs until stopped (the probe's mem workload, rate-limited).
 const FOREVER: &str = "probe=mem probe.mib=8 probe.dirty_mib_s=4";
@@ -228,4 +230,39 @@ fn heavy_bad_definitions_through_the_cli_change_nothing() {
     );
     let err = d.fails(&["start", "ghost"]);
     assert!(err.contains("domain \"ghost\" not found"), "{err}");
+
+    // Hostile API requests get JSON errors with a code, and change nothing.
+    let client = d.client();
+    let call = |method: Method, path: &str, body: Option<serde_json::Value>| {
+        block_on(client.call::<serde_json::Value>(method, path, body))
+            .unwrap()
+            .unwrap_err()
+    };
+    let code = |e: &ClientError| e.code().unwrap_or_default().to_owned();
+    let e = call(
+        Method::POST,
+        "/v1/domains",
+        Some(serde_json::json!({"config": 5})),
+    );
+    assert_eq!(code(&e), "bad_request", "{e}");
+    let e = call(
+        Method::POST,
+        "/v1/domains",
+        Some(serde_json::json!({"config": "", "extra": 1})),
+    );
+    assert_eq!(code(&e), "bad_request", "{e}");
+    let e = call(Method::POST, "/v1/domains/ghost/explode", None);
+    assert_eq!(code(&e), "no_such_action", "{e}");
+    let e = call(Method::GET, "/v1/nothing", None);
+    assert_eq!(code(&e), "no_such_route", "{e}");
+    let e = call(Method::GET, "/v1/domains?all=maybe", None);
+    assert_eq!(code(&e), "bad_request", "{e}");
+    let e = call(Method::GET, "/v1/domains/%2e%2e/config", None);
+    assert_eq!(code(&e), "not_found", "{e}");
+    assert_eq!(
+        std::fs::read_dir(d.state_dir().join("domains"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
