@@ -266,3 +266,38 @@ fn heavy_bad_definitions_through_the_cli_change_nothing() {
         0
     );
 }
+
+#[test]
+fn heavy_vmm_that_died_while_the_daemon_was_away_is_cleaned_up() {
+    if !prerequisites() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.ok(&[
+        "define",
+        d.definition("lost", FOREVER, "").to_str().unwrap(),
+    ]);
+    d.ok(&["start", "lost"]);
+    let pid = d.info("lost").pid.unwrap();
+    let cgroup = d.cgroup_dir("cpu", "lost", "");
+    d.stop();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Not our child any more: wait until init has reaped it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while daemon::domain::process_start_ticks(pid).is_some() {
+        assert!(std::time::Instant::now() < deadline, "VMM {pid} lingers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.launch();
+    assert_eq!(
+        d.ok(&["domstate", "lost", "--reason"]),
+        "shut off (unknown)\n"
+    );
+    assert!(!cgroup.exists(), "cgroup left behind");
+    assert!(!d.run_dir().join("domains/lost").exists());
+    d.ok(&["start", "lost"]);
+}
