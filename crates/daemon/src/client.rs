@@ -21,12 +21,12 @@ use crate::tune::{MemTune, SchedInfo};
 /// Errors calling the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to oxvirtd at {socket} (is `oxvirt daemon` running?): {source}")]
+    #[error("cannot connect to oxvirtd at {socket} (is `oxvirt daemon` running?)")]
     Connect {
         socket: PathBuf,
         source: std::io::Error,
     },
-    #[error("oxvirtd at {socket}: {source}")]
+    #[error("talking to oxvirtd at {socket}")]
     Http {
         socket: PathBuf,
         source: hyper::Error,
