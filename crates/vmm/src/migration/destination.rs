@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use devices::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::stream::{decode_blob, parse_ram, PageData, Section, SectionKind, Setup, StreamError, StreamReader};
+use super::stream::{
+    decode_blob, parse_ram, PageData, Section, SectionKind, Setup, StreamError, StreamReader,
+};
 use super::transport::{Incoming, IncomingConn, Interrupt, MigrationUri, TransportError};
 use super::xbzrle;
 use super::PAGE_SIZE;
@@ -59,13 +61,23 @@ impl Received {
 
 fn send_error(mut rp: Box<dyn Write + Send>, reason: &str) {
     // The source may be gone already; it then fails on its own.
-    let _ = rp.write_all(b"ER").and_then(|()| rp.write_all(reason.as_bytes()));
+    let _ = rp
+        .write_all(b"ER")
+        .and_then(|()| rp.write_all(reason.as_bytes()));
 }
 
 /// Writes one page into guest memory.
-fn apply(memory: &GuestMemory, section: &Section, addr: u64, page: PageData, scratch: &mut [u8]) -> Result<(), StreamError> {
+fn apply(
+    memory: &GuestMemory,
+    section: &Section,
+    addr: u64,
+    page: PageData,
+    scratch: &mut [u8],
+) -> Result<(), StreamError> {
     let at = GuestAddress(addr);
-    let outside = |e: vm_memory::GuestMemoryError| section.bad(format!("page {addr:#x} is outside guest memory ({e})"));
+    let outside = |e: vm_memory::GuestMemoryError| {
+        section.bad(format!("page {addr:#x} is outside guest memory ({e})"))
+    };
     match page {
         PageData::Zero => {
             scratch.fill(0);
@@ -74,7 +86,8 @@ fn apply(memory: &GuestMemory, section: &Section, addr: u64, page: PageData, scr
         PageData::Full(data) => memory.write_slice(data, at).map_err(outside),
         PageData::Xbzrle(encoded) => {
             memory.read_slice(scratch, at).map_err(outside)?;
-            xbzrle::decode(encoded, scratch).map_err(|e| section.bad(format!("page {addr:#x}: {e}")))?;
+            xbzrle::decode(encoded, scratch)
+                .map_err(|e| section.bad(format!("page {addr:#x}: {e}")))?;
             memory.write_slice(scratch, at).map_err(outside)
         }
     }
@@ -89,7 +102,11 @@ struct Collected {
 }
 
 /// Reads sections until the end of stream; RAM goes to memory.
-fn read_channel<R: Read>(reader: &mut StreamReader<R>, memory: &GuestMemory, main: bool) -> Result<Collected, StreamError> {
+fn read_channel<R: Read>(
+    reader: &mut StreamReader<R>,
+    memory: &GuestMemory,
+    main: bool,
+) -> Result<Collected, StreamError> {
     let mut out = Collected::default();
     let mut scratch = vec![0u8; PAGE_SIZE];
     loop {
@@ -102,13 +119,22 @@ fn read_channel<R: Read>(reader: &mut StreamReader<R>, memory: &GuestMemory, mai
             SectionKind::Vcpu if main => {
                 let (name, blob) = decode_blob(&section)?;
                 if name != out.vcpus.len().to_string() {
-                    return Err(section.bad(format!("vCPU {name} where vCPU {} was expected", out.vcpus.len())));
+                    return Err(section.bad(format!(
+                        "vCPU {name} where vCPU {} was expected",
+                        out.vcpus.len()
+                    )));
                 }
                 out.vcpus.push(blob);
             }
             SectionKind::Device if main => out.devices.push(decode_blob(&section)?),
             SectionKind::End => return Ok(out),
-            _ => return Err(section.unexpected(if main { "ram, vcpu, device or end-of-stream" } else { "ram or end-of-stream" })),
+            _ => {
+                return Err(section.unexpected(if main {
+                    "ram, vcpu, device or end-of-stream"
+                } else {
+                    "ram or end-of-stream"
+                }))
+            }
         }
     }
 }
@@ -129,7 +155,10 @@ fn check_fit(setup: &Setup, memory: &GuestMemory) -> Result<(), DestinationError
         )));
     }
     if setup.page_size != PAGE_SIZE as u32 {
-        return Err(DestinationError::Mismatch(format!("page size {} (expected {PAGE_SIZE})", setup.page_size)));
+        return Err(DestinationError::Mismatch(format!(
+            "page size {} (expected {PAGE_SIZE})",
+            setup.page_size
+        )));
     }
     if setup.channel != 0 {
         return Err(DestinationError::Mismatch(format!(
@@ -142,7 +171,11 @@ fn check_fit(setup: &Setup, memory: &GuestMemory) -> Result<(), DestinationError
 
 /// Receives a migration on `incoming` into `memory`. On error the source
 /// is told over the return path (where there is one).
-pub fn receive(incoming: &mut Incoming, uri: &MigrationUri, memory: &GuestMemory) -> Result<Received, DestinationError> {
+pub fn receive(
+    incoming: &mut Incoming,
+    uri: &MigrationUri,
+    memory: &GuestMemory,
+) -> Result<Received, DestinationError> {
     let IncomingConn {
         reader,
         return_path,
@@ -180,8 +213,14 @@ fn receive_main(
     for _ in 0..setup.multifd_channels {
         let conn = incoming.accept_extra(uri)?;
         let (stream, ch) = read_setup(conn.reader)?;
-        if ch.channel == 0 || ch.channel > setup.multifd_channels || extra.iter().any(|(c, _, _)| *c == ch.channel) {
-            return Err(DestinationError::Mismatch(format!("unexpected multifd channel number {}", ch.channel)));
+        if ch.channel == 0
+            || ch.channel > setup.multifd_channels
+            || extra.iter().any(|(c, _, _)| *c == ch.channel)
+        {
+            return Err(DestinationError::Mismatch(format!(
+                "unexpected multifd channel number {}",
+                ch.channel
+            )));
         }
         extra.push((ch.channel, stream, conn.interrupt));
     }
@@ -189,7 +228,12 @@ fn receive_main(
     std::thread::scope(|scope| {
         let threads: Vec<_> = extra
             .into_iter()
-            .map(|(channel, mut stream, _)| (channel, scope.spawn(move || read_channel(&mut stream, memory, false))))
+            .map(|(channel, mut stream, _)| {
+                (
+                    channel,
+                    scope.spawn(move || read_channel(&mut stream, memory, false)),
+                )
+            })
             .collect();
         let main_result = read_channel(&mut main, memory, true);
         if main_result.is_err() {

@@ -14,7 +14,9 @@ pub mod xbzrle;
 
 pub use destination::{receive, DestinationError, Received};
 pub use params::{Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError};
-pub use source::{migrate, DirtyBitmap, MigratableVm, MigrationControl, SavedState, SourceError, VmOpError};
+pub use source::{
+    migrate, DirtyBitmap, MigratableVm, MigrationControl, SavedState, SourceError, VmOpError,
+};
 pub use transport::{Incoming, MigrationUri, Outgoing, TransportError};
 
 /// The page size of the stream and of every dirty bitmap.

@@ -254,7 +254,16 @@ mod tests {
         .collect();
         assert_eq!(
             names,
-            ["none", "setup", "active", "device", "completed", "failed", "cancelling", "cancelled"]
+            [
+                "none",
+                "setup",
+                "active",
+                "device",
+                "completed",
+                "failed",
+                "cancelling",
+                "cancelled"
+            ]
         );
     }
 
@@ -288,17 +297,28 @@ mod tests {
             ..Parameters::default()
         };
         let err = bad.validate().unwrap_err();
-        assert_eq!(err.to_string(), "parameter cpu-throttle-initial: 0 is out of range (1 to 99)");
+        assert_eq!(
+            err.to_string(),
+            "parameter cpu-throttle-initial: 0 is out of range (1 to 99)"
+        );
         let bad = Parameters {
             downtime_limit: 2_000_001,
             ..Parameters::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("downtime-limit"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("downtime-limit"));
         let bad = Parameters {
             multifd_channels: 0,
             ..Parameters::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("multifd-channels"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multifd-channels"));
         let both = Capabilities {
             xbzrle: true,
             multifd: true,
@@ -328,15 +348,43 @@ mod tests {
         };
         assert_eq!(
             keys(&v),
-            ["cpu-throttle-percentage", "downtime", "expected-downtime", "ram", "setup-time", "status", "total-time", "xbzrle-cache"]
+            [
+                "cpu-throttle-percentage",
+                "downtime",
+                "expected-downtime",
+                "ram",
+                "setup-time",
+                "status",
+                "total-time",
+                "xbzrle-cache"
+            ]
         );
         assert_eq!(
             keys(&v["ram"]),
-            ["dirty-pages-rate", "dirty-sync-count", "duplicate", "mbps", "normal", "normal-bytes", "pages-per-second", "remaining", "total", "transferred"]
+            [
+                "dirty-pages-rate",
+                "dirty-sync-count",
+                "duplicate",
+                "mbps",
+                "normal",
+                "normal-bytes",
+                "pages-per-second",
+                "remaining",
+                "total",
+                "transferred"
+            ]
         );
         assert_eq!(
             keys(&v["xbzrle-cache"]),
-            ["bytes", "cache-miss", "cache-miss-rate", "cache-size", "encoding-rate", "overflow", "pages"]
+            [
+                "bytes",
+                "cache-miss",
+                "cache-miss-rate",
+                "cache-size",
+                "encoding-rate",
+                "overflow",
+                "pages"
+            ]
         );
         let none = serde_json::to_value(MigrationInfo::default()).unwrap();
         assert_eq!(none, json!({"status": "none"}));

@@ -16,8 +16,12 @@ use devices::GuestMemory;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::params::{Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError, RamStats, XbzrleStats};
-use super::stream::{encode_blob, PageData, RamBatch, SectionKind, Setup, StreamError, StreamWriter};
+use super::params::{
+    Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError, RamStats, XbzrleStats,
+};
+use super::stream::{
+    encode_blob, PageData, RamBatch, SectionKind, Setup, StreamError, StreamWriter,
+};
 use super::transport::{Interrupt, MigrationUri, Outgoing, TransportError};
 use super::xbzrle::{Encoder, Outcome};
 use super::PAGE_SIZE;
@@ -64,7 +68,10 @@ pub enum SourceError {
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("migration: {what}: {source}")]
-    Vm { what: &'static str, source: VmOpError },
+    Vm {
+        what: &'static str,
+        source: VmOpError,
+    },
     #[error("migration: reading guest page {addr:#x}: {problem}")]
     Memory { addr: u64, problem: String },
     #[error("migration cancelled")]
@@ -108,7 +115,12 @@ impl MigrationControl {
     /// writes are broken.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
-        for i in self.interrupts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for i in self
+            .interrupts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             i.interrupt();
         }
     }
@@ -207,7 +219,8 @@ impl RateMeter {
     fn account(&mut self, bytes: u64, pages: u64) {
         self.window_bytes += bytes;
         self.window_pages += pages;
-        let due = self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / self.limit);
+        let due =
+            self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / self.limit);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
@@ -269,9 +282,10 @@ fn all_pages(memory: &GuestMemory) -> DirtyBitmap {
         .map(|r| {
             let pages = r.len() / PAGE_SIZE as u64;
             let mut words = vec![u64::MAX; pages.div_ceil(64) as usize];
-            if pages % 64 != 0 {
+            let tail = pages % 64;
+            if tail > 0 {
                 if let Some(last) = words.last_mut() {
-                    *last = (1u64 << (pages % 64)) - 1;
+                    *last = (1u64 << tail) - 1;
                 }
             }
             (r.start_addr().0, words)
@@ -340,7 +354,9 @@ impl<'a> Engine<'a> {
             })?;
         let channel = match &self.channels {
             PageChannels::Main => 0,
-            PageChannels::Multifd(c) => ((addr / PAGE_SIZE as u64 / SHARD_PAGES) % c.len() as u64) as usize,
+            PageChannels::Multifd(c) => {
+                ((addr / PAGE_SIZE as u64 / SHARD_PAGES) % c.len() as u64) as usize
+            }
         };
         let xbzrle = self.xbzrle.as_mut().filter(|_| !bulk);
         if is_zero(&self.page) {
@@ -357,7 +373,11 @@ impl<'a> Engine<'a> {
             match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Encoded => {
-                    let encoded = self.xbzrle.as_ref().map(Encoder::encoded).unwrap_or_default();
+                    let encoded = self
+                        .xbzrle
+                        .as_ref()
+                        .map(Encoder::encoded)
+                        .unwrap_or_default();
                     self.batches[channel].push(addr, &PageData::Xbzrle(encoded));
                 }
                 Outcome::Full => {
@@ -405,7 +425,9 @@ impl<'a> Engine<'a> {
 
     /// The error of a multifd thread that stopped taking batches.
     fn multifd_failure(&mut self, channel: usize) -> SourceError {
-        let PageChannels::Multifd(channels) = std::mem::replace(&mut self.channels, PageChannels::Main) else {
+        let PageChannels::Multifd(channels) =
+            std::mem::replace(&mut self.channels, PageChannels::Main)
+        else {
             return SourceError::Multifd {
                 channel,
                 problem: "not a multifd migration".into(),
@@ -423,7 +445,9 @@ impl<'a> Engine<'a> {
 
     /// Ends every multifd channel and waits for its thread.
     fn finish_multifd(&mut self) -> Result<(), SourceError> {
-        let PageChannels::Multifd(channels) = std::mem::replace(&mut self.channels, PageChannels::Main) else {
+        let PageChannels::Multifd(channels) =
+            std::mem::replace(&mut self.channels, PageChannels::Main)
+        else {
             return Ok(());
         };
         let mut result = Ok(());
@@ -462,8 +486,16 @@ impl<'a> Engine<'a> {
                 bytes: c.bytes,
                 pages: c.pages,
                 cache_miss: c.cache_miss,
-                cache_miss_rate: if c.lookups == 0 { 0.0 } else { c.cache_miss as f64 / c.lookups as f64 },
-                encoding_rate: if c.bytes == 0 { 0.0 } else { (c.pages * PAGE_SIZE as u64) as f64 / c.bytes as f64 },
+                cache_miss_rate: if c.lookups == 0 {
+                    0.0
+                } else {
+                    c.cache_miss as f64 / c.lookups as f64
+                },
+                encoding_rate: if c.bytes == 0 {
+                    0.0
+                } else {
+                    (c.pages * PAGE_SIZE as u64) as f64 / c.bytes as f64
+                },
                 overflow: c.overflow,
             }
         });
@@ -478,13 +510,16 @@ impl<'a> Engine<'a> {
     /// The pre-copy loop; returns the dirty pages not sent yet.
     fn iterate(&mut self) -> Result<DirtyBitmap, SourceError> {
         let active_since = Instant::now();
+        let mut last_sync = active_since;
         let bulk = all_pages(self.vm.memory());
         self.send_pages(&bulk, true)?;
         let mut auto = AutoConverge::default();
-        let mut last_sync = Instant::now();
         let mut sent_at_sync = self.ram.transferred;
         loop {
-            let dirty = self.vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+            let dirty = self
+                .vm
+                .take_dirty_pages()
+                .map_err(vm_err("syncing the dirty bitmap"))?;
             self.ram.dirty_sync_count += 1;
             let dirty_pages = count_pages(&dirty);
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
@@ -494,13 +529,19 @@ impl<'a> Engine<'a> {
             self.ram.mbps = bandwidth * 8.0 / 1e6;
             let remaining = dirty_pages * PAGE_SIZE as u64;
             let expected_ms = (remaining as f64 / bandwidth * 1000.0) as u64;
-            self.control.update(|i| i.expected_downtime = Some(expected_ms));
+            self.control
+                .update(|i| i.expected_downtime = Some(expected_ms));
             self.pending = dirty_pages;
             self.publish();
             if self.caps.events {
                 (self.events)("MIGRATION_PASS", json!({"pass": self.ram.dirty_sync_count}));
             }
-            tracing::debug!(pass = self.ram.dirty_sync_count, dirty_pages, bandwidth, "migration pass");
+            tracing::debug!(
+                pass = self.ram.dirty_sync_count,
+                dirty_pages,
+                bandwidth,
+                "migration pass"
+            );
             if expected_ms <= self.params.downtime_limit {
                 return Ok(dirty);
             }
@@ -519,17 +560,25 @@ impl<'a> Engine<'a> {
 
     /// Paused: the last pages, the state, the end of stream.
     fn complete(&mut self, mut rest: DirtyBitmap) -> Result<(), SourceError> {
-        let last = self.vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+        let last = self
+            .vm
+            .take_dirty_pages()
+            .map_err(vm_err("syncing the dirty bitmap"))?;
         merge(&mut rest, last);
         self.ram.dirty_sync_count += 1;
         self.send_pages(&rest, false)?;
         self.finish_multifd()?;
-        let state = self.vm.save_state().map_err(vm_err("saving vCPU and device state"))?;
+        let state = self
+            .vm
+            .save_state()
+            .map_err(vm_err("saving vCPU and device state"))?;
         for (index, blob) in state.vcpus.iter().enumerate() {
-            self.main.section(SectionKind::Vcpu, &encode_blob(&index.to_string(), blob))?;
+            self.main
+                .section(SectionKind::Vcpu, &encode_blob(&index.to_string(), blob))?;
         }
         for (name, blob) in &state.devices {
-            self.main.section(SectionKind::Device, &encode_blob(name, blob))?;
+            self.main
+                .section(SectionKind::Device, &encode_blob(name, blob))?;
         }
         self.main.section(SectionKind::End, &[])?;
         self.main.flush()?;
@@ -543,16 +592,22 @@ impl<'a> Engine<'a> {
 fn await_confirmation(mut rp: Box<dyn Read + Send>) -> Result<(), SourceError> {
     let mut head = [0u8; 2];
     rp.read_exact(&mut head).map_err(|e| {
-        SourceError::ReturnPath(format!("the destination closed the connection without confirming ({e})"))
+        SourceError::ReturnPath(format!(
+            "the destination closed the connection without confirming ({e})"
+        ))
     })?;
     match &head {
         b"OK" => Ok(()),
         b"ER" => {
             let mut message = Vec::new();
             let _ = rp.take(4096).read_to_end(&mut message);
-            Err(SourceError::Rejected(String::from_utf8_lossy(&message).into_owned()))
+            Err(SourceError::Rejected(
+                String::from_utf8_lossy(&message).into_owned(),
+            ))
         }
-        other => Err(SourceError::ReturnPath(format!("unexpected reply {other:02x?}"))),
+        other => Err(SourceError::ReturnPath(format!(
+            "unexpected reply {other:02x?}"
+        ))),
     }
 }
 
@@ -610,12 +665,27 @@ pub fn migrate(
     let start = Instant::now();
     control.cancel.store(false, Ordering::SeqCst);
     control.throttle.store(0, Ordering::Relaxed);
-    control.interrupts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    control
+        .interrupts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     control.update(|i| *i = MigrationInfo::default());
     let mut paused = false;
     let mut extra = Vec::new();
     let mut conn = None;
-    let result = run(vm, uri, caps, params, control, events, start, &mut paused, &mut conn, &mut extra);
+    let result = run(
+        vm,
+        uri,
+        caps,
+        params,
+        control,
+        events,
+        start,
+        &mut paused,
+        &mut conn,
+        &mut extra,
+    );
     control.throttle.store(0, Ordering::Relaxed);
     let logging_off = vm.set_dirty_logging(false);
     match result {
@@ -698,7 +768,11 @@ fn run(
     };
     let writer = conn.writer().map_err(io("opening the stream"))?;
     let return_path = conn.return_path().map_err(io("opening the return path"))?;
-    let multifd_channels = if caps.multifd { params.multifd_channels } else { 0 };
+    let multifd_channels = if caps.multifd {
+        params.multifd_channels
+    } else {
+        0
+    };
     let ram_total: u64 = vm.memory().iter().map(|r| r.len()).sum();
     let setup = Setup {
         channel: 0,
@@ -716,10 +790,14 @@ fn run(
     } else {
         PageChannels::Main
     };
-    let batches = (0..multifd_channels.max(1)).map(|_| RamBatch::default()).collect();
-    vm.set_dirty_logging(true).map_err(vm_err("starting dirty logging"))?;
+    let batches = (0..multifd_channels.max(1))
+        .map(|_| RamBatch::default())
+        .collect();
+    vm.set_dirty_logging(true)
+        .map_err(vm_err("starting dirty logging"))?;
     // Start from a clean log: the bulk pass sends everything written so far.
-    vm.take_dirty_pages().map_err(vm_err("syncing the dirty bitmap"))?;
+    vm.take_dirty_pages()
+        .map_err(vm_err("syncing the dirty bitmap"))?;
     let mut engine = Engine {
         vm,
         caps,
@@ -776,7 +854,11 @@ mod tests {
         assert_eq!(auto.after_sync(90, 100, 20, &params), None);
         assert_eq!(auto.after_sync(90, 100, 20, &params), Some(50));
         auto.after_sync(90, 100, 50, &params);
-        assert_eq!(auto.after_sync(90, 100, 50, &params), Some(75), "capped at max-cpu-throttle");
+        assert_eq!(
+            auto.after_sync(90, 100, 50, &params),
+            Some(75),
+            "capped at max-cpu-throttle"
+        );
     }
 
     #[test]
@@ -805,7 +887,11 @@ mod tests {
             meter.account(256 << 10, 64);
         }
         // 2 MiB at 10 MiB/s takes at least 200 ms.
-        assert!(start.elapsed() >= Duration::from_millis(195), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(195),
+            "{:?}",
+            start.elapsed()
+        );
         let rate = meter.rate.unwrap();
         assert!(rate < 12.0 * (1 << 20) as f64, "{rate}");
     }

@@ -25,9 +25,13 @@ pub enum StreamError {
     Io { offset: u64, source: io::Error },
     #[error("migration stream truncated at offset {offset}: {what} is incomplete")]
     Truncated { offset: u64, what: String },
-    #[error("not a migration stream: magic {found:02x?} at offset 0, expected {MAGIC:02x?} (\"OXMG\")")]
+    #[error(
+        "not a migration stream: magic {found:02x?} at offset 0, expected {MAGIC:02x?} (\"OXMG\")"
+    )]
     BadMagic { found: [u8; 4] },
-    #[error("migration stream version {found} is not supported (this build reads version {VERSION})")]
+    #[error(
+        "migration stream version {found} is not supported (this build reads version {VERSION})"
+    )]
     UnsupportedVersion { found: u32 },
     #[error("migration stream section at offset {offset} declares length {len}, more than the maximum {MAX_SECTION_LEN}")]
     TooLong { offset: u64, len: u32 },
@@ -45,7 +49,9 @@ pub enum StreamError {
         offset: u64,
         problem: String,
     },
-    #[error("migration stream: {section} section at offset {offset} where {expected} was expected")]
+    #[error(
+        "migration stream: {section} section at offset {offset} where {expected} was expected"
+    )]
     Unexpected {
         section: &'static str,
         offset: u64,
@@ -262,8 +268,10 @@ impl<R: Read> StreamReader<R> {
                 computed,
             });
         }
-        let kind =
-            SectionKind::from_u8(head[0]).ok_or(StreamError::UnknownKind { offset, kind: head[0] })?;
+        let kind = SectionKind::from_u8(head[0]).ok_or(StreamError::UnknownKind {
+            offset,
+            kind: head[0],
+        })?;
         Ok(Section {
             kind,
             offset,
@@ -464,9 +472,11 @@ mod tests {
         batch.push(8192, &PageData::Xbzrle(&[0, 1, 9]));
         w.section(SectionKind::Ram, &batch.take()).unwrap();
         boundaries.push(w.written());
-        w.section(SectionKind::Vcpu, &encode_blob("0", b"regs")).unwrap();
+        w.section(SectionKind::Vcpu, &encode_blob("0", b"regs"))
+            .unwrap();
         boundaries.push(w.written());
-        w.section(SectionKind::Device, &encode_blob("virtio-blk", b"{}")).unwrap();
+        w.section(SectionKind::Device, &encode_blob("virtio-blk", b"{}"))
+            .unwrap();
         boundaries.push(w.written());
         w.section(SectionKind::End, &[]).unwrap();
         boundaries.push(w.written());
@@ -499,7 +509,10 @@ mod tests {
         assert_eq!(*boundaries.last().unwrap(), bytes.len() as u64);
         assert_eq!(read_all(&bytes).unwrap(), 5);
         let mut r = StreamReader::new(&bytes[..]).unwrap();
-        assert_eq!(Setup::decode(&r.next_section().unwrap()).unwrap().ram_total, 1 << 20);
+        assert_eq!(
+            Setup::decode(&r.next_section().unwrap()).unwrap().ram_total,
+            1 << 20
+        );
         let ram = r.next_section().unwrap();
         let mut pages = Vec::new();
         parse_ram(&ram, |a, p| {
@@ -576,7 +589,10 @@ mod tests {
         let mut bytes = w.into_inner();
         bytes[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         let err = read_all(&bytes).unwrap_err();
-        assert!(matches!(err, StreamError::TooLong { offset: 8, .. }), "{err}");
+        assert!(
+            matches!(err, StreamError::TooLong { offset: 8, .. }),
+            "{err}"
+        );
     }
 
     /// A section with a valid CRC but hostile contents (as a buggy or
@@ -585,7 +601,10 @@ mod tests {
     fn hostile_payloads_with_valid_crc_are_rejected() {
         let hostile: Vec<(SectionKind, Vec<u8>)> = vec![
             (SectionKind::Ram, vec![2, 0, 0, 0, 0, 0, 0, 0, 1, 2]),
-            (SectionKind::Ram, vec![3, 0x10, 0, 0, 0, 0, 0, 0, 0xff, 0xff]),
+            (
+                SectionKind::Ram,
+                vec![3, 0x10, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
+            ),
             (SectionKind::Ram, vec![7, 0, 0, 0, 0, 0, 0, 0]),
             (SectionKind::Ram, vec![1, 0, 0]),
             (SectionKind::Vcpu, vec![9, 0, b'a']),

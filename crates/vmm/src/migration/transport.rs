@@ -154,7 +154,10 @@ impl Interrupt {
 pub enum Outgoing {
     Tcp(TcpStream),
     Unix(UnixStream),
-    Exec { child: Child, stdin: ChildStdin },
+    Exec {
+        child: Child,
+        stdin: ChildStdin,
+    },
     Fd(File),
     File {
         file: File,
@@ -198,7 +201,8 @@ impl Outgoing {
             MigrationUri::Fd(fd) => owned_fd(uri, *fd).map(Outgoing::Fd),
             MigrationUri::File(path) => {
                 let temp = temp_name(path);
-                let file = File::create(&temp).map_err(io_err(uri, "creating the temporary file"))?;
+                let file =
+                    File::create(&temp).map_err(io_err(uri, "creating the temporary file"))?;
                 Ok(Outgoing::File {
                     file,
                     temp,
@@ -245,7 +249,7 @@ impl Outgoing {
     /// a moment (a failed write usually means the destination gave up).
     pub fn destination_error(&self) -> Option<String> {
         let wait = Some(Duration::from_millis(200));
-        let mut rp: Box<dyn Read> = match self {
+        let rp: Box<dyn Read> = match self {
             Outgoing::Tcp(s) => {
                 let s = s.try_clone().ok()?;
                 s.set_read_timeout(wait).ok()?;
@@ -279,7 +283,9 @@ impl Outgoing {
         match self {
             Outgoing::Exec { mut child, stdin } => {
                 drop(stdin);
-                let status = child.wait().map_err(io_err(uri, "waiting for the command"))?;
+                let status = child
+                    .wait()
+                    .map_err(io_err(uri, "waiting for the command"))?;
                 if !status.success() {
                     return Err(TransportError::CommandFailed {
                         uri: uri.to_string(),
@@ -293,7 +299,8 @@ impl Outgoing {
                     .sync_all()
                     .map_err(io_err(uri, "syncing the temporary file"))
                     .and_then(|()| {
-                        std::fs::rename(&temp, &path).map_err(io_err(uri, "renaming the saved file"))
+                        std::fs::rename(&temp, &path)
+                            .map_err(io_err(uri, "renaming the saved file"))
                     });
                 if done.is_err() {
                     let _ = std::fs::remove_file(&temp);
@@ -338,7 +345,10 @@ pub struct IncomingConn {
 /// The destination's end: a listening socket or a one-way source.
 pub enum Incoming {
     Tcp(TcpListener),
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
     Exec(Option<(Child, ChildStdout)>),
     Fd(Option<File>),
     File(Option<File>),
@@ -419,7 +429,9 @@ impl Incoming {
                 let (child, stdout) = pipe.take().ok_or_else(taken)?;
                 Ok(one_way(Box::new(ChildReader { child, stdout })))
             }
-            Incoming::Fd(f) | Incoming::File(f) => Ok(one_way(Box::new(f.take().ok_or_else(taken)?))),
+            Incoming::Fd(f) | Incoming::File(f) => {
+                Ok(one_way(Box::new(f.take().ok_or_else(taken)?)))
+            }
         }
     }
 
@@ -534,7 +546,9 @@ impl Read for ChildReader {
         if n == 0 && !buf.is_empty() {
             let status = self.child.wait()?;
             if !status.success() {
-                return Err(io::Error::other(format!("incoming command exited with {status}")));
+                return Err(io::Error::other(format!(
+                    "incoming command exited with {status}"
+                )));
             }
         }
         Ok(n)
@@ -606,14 +620,23 @@ mod tests {
         out.writer().unwrap().write_all(b"half").unwrap();
         assert!(!path.exists());
         out.abort();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "abort leaves nothing");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "abort leaves nothing"
+        );
         let out = Outgoing::connect(&uri).unwrap();
         out.writer().unwrap().write_all(b"whole").unwrap();
         out.finish(&uri).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"whole");
         let mut incoming = Incoming::open(&uri).unwrap();
         let mut got = Vec::new();
-        incoming.accept(&uri).unwrap().reader.read_to_end(&mut got).unwrap();
+        incoming
+            .accept(&uri)
+            .unwrap()
+            .reader
+            .read_to_end(&mut got)
+            .unwrap();
         assert_eq!(got, b"whole");
     }
 
@@ -629,7 +652,12 @@ mod tests {
         let in_uri = MigrationUri::Exec(format!("gunzip -c {}", gz.display()));
         let mut incoming = Incoming::open(&in_uri).unwrap();
         let mut got = Vec::new();
-        incoming.accept(&in_uri).unwrap().reader.read_to_end(&mut got).unwrap();
+        incoming
+            .accept(&in_uri)
+            .unwrap()
+            .reader
+            .read_to_end(&mut got)
+            .unwrap();
         assert_eq!(got, data);
         // A failing command is an error, on both ends.
         let bad = MigrationUri::Exec("cat > /dev/null; exit 3".into());
@@ -679,7 +707,11 @@ mod tests {
         assert_eq!(&b, b"x");
         main.return_path.unwrap().write_all(b"OK").unwrap();
         let mut ok = [0u8; 2];
-        out.return_path().unwrap().unwrap().read_exact(&mut ok).unwrap();
+        out.return_path()
+            .unwrap()
+            .unwrap()
+            .read_exact(&mut ok)
+            .unwrap();
         assert_eq!(&ok, b"OK");
         assert!(Outgoing::connect_extra(&MigrationUri::File("/tmp/x".into())).is_err());
     }

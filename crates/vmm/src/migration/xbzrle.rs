@@ -34,7 +34,9 @@ fn push_uleb(out: &mut Vec<u8>, v: usize) {
 
 fn read_uleb(data: &[u8], at: &mut usize) -> Result<usize, XbzrleError> {
     let start = *at;
-    let first = *data.get(start).ok_or(XbzrleError::BadLength { at: start })?;
+    let first = *data
+        .get(start)
+        .ok_or(XbzrleError::BadLength { at: start })?;
     if first & 0x80 == 0 {
         *at += 1;
         return Ok(first as usize);
@@ -57,7 +59,11 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> Option
     let len = new.len();
     let mut i = 0;
     while i < len {
-        let zrun = old[i..].iter().zip(&new[i..]).take_while(|(a, b)| a == b).count();
+        let zrun = old[i..]
+            .iter()
+            .zip(&new[i..])
+            .take_while(|(a, b)| a == b)
+            .count();
         i += zrun;
         if i == len {
             break;
@@ -66,7 +72,11 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> Option
             return None;
         }
         push_uleb(out, zrun);
-        let nzrun = old[i..].iter().zip(&new[i..]).take_while(|(a, b)| a != b).count();
+        let nzrun = old[i..]
+            .iter()
+            .zip(&new[i..])
+            .take_while(|(a, b)| a != b)
+            .count();
         if out.len() + 2 > limit {
             return None;
         }
@@ -88,11 +98,17 @@ pub fn decode(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
         let zrun_at = at;
         let zrun = read_uleb(encoded, &mut at)?;
         if zrun == 0 && i != 0 {
-            return Err(XbzrleError::EmptyRun { run: "zero", at: zrun_at });
+            return Err(XbzrleError::EmptyRun {
+                run: "zero",
+                at: zrun_at,
+            });
         }
         i += zrun;
         if i > page.len() {
-            return Err(XbzrleError::PastPage { run: "zero", at: zrun_at });
+            return Err(XbzrleError::PastPage {
+                run: "zero",
+                at: zrun_at,
+            });
         }
         if at == encoded.len() {
             break;
@@ -100,14 +116,21 @@ pub fn decode(encoded: &[u8], page: &mut [u8]) -> Result<(), XbzrleError> {
         let nzrun_at = at;
         let nzrun = read_uleb(encoded, &mut at)?;
         if nzrun == 0 {
-            return Err(XbzrleError::EmptyRun { run: "non-zero", at: nzrun_at });
+            return Err(XbzrleError::EmptyRun {
+                run: "non-zero",
+                at: nzrun_at,
+            });
         }
         if i + nzrun > page.len() {
-            return Err(XbzrleError::PastPage { run: "non-zero", at: nzrun_at });
+            return Err(XbzrleError::PastPage {
+                run: "non-zero",
+                at: nzrun_at,
+            });
         }
-        let bytes = encoded
-            .get(at..at + nzrun)
-            .ok_or(XbzrleError::PastData { at: nzrun_at, len: nzrun })?;
+        let bytes = encoded.get(at..at + nzrun).ok_or(XbzrleError::PastData {
+            at: nzrun_at,
+            len: nzrun,
+        })?;
         page[i..i + nzrun].copy_from_slice(bytes);
         at += nzrun;
         i += nzrun;
@@ -355,18 +378,33 @@ mod tests {
     #[test]
     fn hostile_encodings_are_rejected_without_panic() {
         let mut page = [0u8; PAGE_SIZE];
-        assert_eq!(decode(&[0x80], &mut page), Err(XbzrleError::BadLength { at: 0 }));
-        assert_eq!(decode(&[0xff, 0xff, 1], &mut page), Err(XbzrleError::BadLength { at: 0 }));
+        assert_eq!(
+            decode(&[0x80], &mut page),
+            Err(XbzrleError::BadLength { at: 0 })
+        );
+        assert_eq!(
+            decode(&[0xff, 0xff, 1], &mut page),
+            Err(XbzrleError::BadLength { at: 0 })
+        );
         assert_eq!(
             decode(&[0, 1, 1, 0, 1, 1], &mut page),
             Err(XbzrleError::EmptyRun { run: "zero", at: 3 })
         );
-        assert_eq!(decode(&[0, 0], &mut page), Err(XbzrleError::EmptyRun { run: "non-zero", at: 1 }));
+        assert_eq!(
+            decode(&[0, 0], &mut page),
+            Err(XbzrleError::EmptyRun {
+                run: "non-zero",
+                at: 1
+            })
+        );
         assert_eq!(
             decode(&[0xff, 0x7f], &mut page),
             Err(XbzrleError::PastPage { run: "zero", at: 0 })
         );
-        assert_eq!(decode(&[0, 5, 1, 2], &mut page), Err(XbzrleError::PastData { at: 1, len: 5 }));
+        assert_eq!(
+            decode(&[0, 5, 1, 2], &mut page),
+            Err(XbzrleError::PastData { at: 1, len: 5 })
+        );
         let mut rng = Rng(99);
         for _ in 0..20_000 {
             let len = rng.below(16);
@@ -413,6 +451,9 @@ mod tests {
         assert_eq!(enc.save_page(4096, &alternating, 5), Outcome::Full);
         assert_eq!(enc.counters.overflow, 1);
         enc.zero_page(4096);
-        assert_eq!(enc.save_page(4096, &[0u8; PAGE_SIZE], 6), Outcome::Unchanged);
+        assert_eq!(
+            enc.save_page(4096, &[0u8; PAGE_SIZE], 6),
+            Outcome::Unchanged
+        );
     }
 }
