@@ -284,6 +284,7 @@ fn migrate_with_writer(uri: &str, caps: Capabilities) {
     );
     assert!(!vm.logging);
     let info = control.info();
+    eprintln!("{uri} {caps:?}: {}", serde_json::to_string(&info).unwrap());
     assert_eq!(info.status, MigrationStatus::Completed);
     let ram = info.ram.unwrap();
     assert_eq!(ram.total, 8 << 20);
