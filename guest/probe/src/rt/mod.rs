@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod exception;
 pub mod exit;
 pub mod fail;
+mod heap;
 pub mod io;
 pub mod lapic;
 mod libc;
