@@ -106,9 +106,14 @@ impl Microvm {
 
     /// A raw image as a virtio-blk disk, read-only when `readonly`.
     pub fn virtio_disk(self, image: &Path, readonly: bool) -> Self {
+        self.virtio_disk_as(image, "raw", readonly)
+    }
+
+    /// An image in QEMU's `format` (`raw`, `qcow2`, ...) as a virtio-blk disk.
+    pub fn virtio_disk_as(self, image: &Path, format: &str, readonly: bool) -> Self {
         let id = format!("disk{}", self.virtio.len());
         let drive = format!(
-            "if=none,id={id},format=raw,file={}{}",
+            "if=none,id={id},format={format},file={}{}",
             image.display(),
             if readonly { ",readonly=on" } else { "" }
         );

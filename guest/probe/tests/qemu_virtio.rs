@@ -211,6 +211,66 @@ fn heavy_qemu_blk_randwrite_reads_back_what_it_wrote() {
     assert!(written[4 * MIB..].iter().all(|&b| b == 0));
 }
 
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+}
+
+#[test]
+fn heavy_qemu_blk_qcow2_overlay_over_a_raw_backing_file() {
+    if !prerequisites() {
+        return;
+    }
+    const BASE_SEED: u64 = 0xba5e;
+    let dir = TempDir::new("qcow2");
+    let base = image(&dir, "base.raw", DISK_MIB, BASE_SEED);
+    let overlay = dir.path().join("overlay.qcow2");
+    let (base_s, overlay_s) = (base.to_str().unwrap(), overlay.to_str().unwrap());
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", base_s, "-F", "raw", overlay_s,
+    ]);
+    let run = boot(
+        vm(&format!(
+            "probe=blk probe.mode=seqwrite probe.mib=4 probe.bs=262144 probe.verify=1 probe.seed={SEED}"
+        ))
+        .virtio_disk_as(&overlay, "qcow2", false),
+    );
+    assert_ok(&run);
+    blk_result(&run, 16.0);
+
+    // The overlay reads as the guest's 4 MiB over the backing file's pattern,
+    // and the backing file is untouched.
+    let mut expected = std::fs::read(&base).unwrap();
+    blkpattern::fill(&mut expected[..4 * MIB], 0, SEED);
+    let expected_path = dir.path().join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .args([&expected_path, &overlay])
+        .output()
+        .unwrap();
+    assert!(compare.status.success(), "qemu-img compare: {compare:?}");
+    let flat = dir.path().join("flat.raw");
+    qemu_img(&["convert", "-O", "raw", overlay_s, flat.to_str().unwrap()]);
+    let flat = std::fs::read(&flat).unwrap();
+    assert_eq!(blkpattern::check(&flat[..4 * MIB], 0, SEED), Ok(()));
+    assert_eq!(blkpattern::check(&flat[4 * MIB..], 8192, BASE_SEED), Ok(()));
+    let base_now = std::fs::read(&base).unwrap();
+    assert_eq!(blkpattern::check(&base_now, 0, BASE_SEED), Ok(()));
+
+    // And the guest reads the backing file's pattern through the overlay.
+    let run = boot(
+        vm(&format!(
+            "probe=blk probe.mode=randread probe.mib=4 probe.verify=1 probe.seed={SEED}"
+        ))
+        .virtio_disk_as(&overlay, "qcow2", true),
+    );
+    assert_ok(&run);
+}
+
 #[test]
 fn heavy_qemu_blk_readonly_disk_refuses_writes() {
     if !prerequisites() {
