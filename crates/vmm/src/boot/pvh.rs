@@ -54,13 +54,15 @@ pub(super) fn write_start_info(
     e820: &[E820Entry],
     initrd: Option<Initrd>,
 ) -> Result<u64, vm_memory::GuestMemoryError> {
-    let mut info = hvm_start_info::default();
-    info.magic = XEN_HVM_START_MAGIC;
-    info.version = 1;
-    info.cmdline_paddr = layout::CMDLINE_ADDR;
-    info.rsdp_paddr = acpi::RSDP_ADDR;
-    info.memmap_paddr = layout::PVH_MEMMAP_ADDR;
-    info.memmap_entries = e820.len() as u32;
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: layout::CMDLINE_ADDR,
+        rsdp_paddr: acpi::RSDP_ADDR,
+        memmap_paddr: layout::PVH_MEMMAP_ADDR,
+        memmap_entries: e820.len() as u32,
+        ..Default::default()
+    };
     for (i, e) in e820.iter().enumerate() {
         let entry = hvm_memmap_table_entry {
             addr: e.addr,
