@@ -176,6 +176,11 @@ fn transfer(
             in_flight += 1;
         }
         if in_flight == 0 {
+            if let Some(sector) = sectors.peek() {
+                return fail!(
+                    "blk: the queue takes no request (sector {sector}) with none in flight"
+                );
+            }
             return Ok(done);
         }
         let token = wait_used(disk);
