@@ -231,3 +231,17 @@ mod tests {
         assert_eq!(id_bits(5), 3);
     }
 }
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::*;
+
+    #[test]
+    fn pvm_compat_table_from_kvm_has_no_xsave() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let c = supported(&kvm, CpuProfile::PvmCompat).unwrap();
+        for e in c.as_slice().iter().filter(|e| e.function == LEAF_FEATURES) {
+            assert_eq!(e.ecx & ((1 << 26) | (1 << 13)), 0, "{e:?}");
+        }
+    }
+}
