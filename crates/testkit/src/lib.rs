@@ -12,7 +12,8 @@ mod skip;
 pub use paths::{peer_dir, probe_binary, target_dir, workspace_root};
 pub use probe::{ProbeOutput, ProbeResult};
 pub use qemu::{
-    probe_kernel, qemu_binary, qemu_firmware_dir, require_qemu, run_vm, Microvm, VmRun,
+    probe_kernel, probe_kernel_virtio, qemu_binary, qemu_firmware_dir, require_qemu, run_vm,
+    Microvm, VmRun,
 };
 pub use skip::{require, require_kvm, require_root};
 

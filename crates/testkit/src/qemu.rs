@@ -288,6 +288,44 @@ pub fn probe_kernel() -> PathBuf {
     probe
 }
 
+/// The probe guest with its virtio workloads (`blk`, `rng`, `net`), built
+/// with `cargo build --release -p oxvirt-probe --features virtio` into
+/// `<target>/probe-virtio`: a separate build, because a whole-workspace
+/// build cannot turn that feature on (see guest/probe/Cargo.toml).
+/// `$OXVIRT_PROBE_VIRTIO` names a prebuilt one. Panics when the build fails.
+pub fn probe_kernel_virtio() -> PathBuf {
+    if let Some(path) = std::env::var_os("OXVIRT_PROBE_VIRTIO") {
+        return PathBuf::from(path);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_probe_virtio).clone()
+}
+
+fn build_probe_virtio() -> PathBuf {
+    let target = crate::paths::target_dir().join("probe-virtio");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "oxvirt-probe",
+            "--features",
+            "virtio",
+        ])
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(workspace_root())
+        .status();
+    assert!(
+        status.as_ref().is_ok_and(ExitStatus::success),
+        "building the virtio probe failed ({status:?}): run `cargo build --release \
+         -p oxvirt-probe --features virtio --target-dir {}`",
+        target.display()
+    );
+    target.join("release/oxvirt-probe")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

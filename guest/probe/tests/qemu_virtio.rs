@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use oxvirt_probe::blkpattern::{self, SECTOR};
-use testkit::{free_port, probe_kernel, require_kvm, require_qemu, run_vm, Microvm, VmRun};
+use testkit::{free_port, probe_kernel_virtio, require_kvm, require_qemu, run_vm, Microvm, VmRun};
 
 const MIB: usize = 1 << 20;
 /// The disks are larger than what the guest touches, so a write past its
@@ -52,7 +52,7 @@ fn boot(vm: Microvm) -> VmRun {
 }
 
 fn vm(cmdline: &str) -> Microvm {
-    Microvm::new(probe_kernel()).cmdline(cmdline)
+    Microvm::new(probe_kernel_virtio()).cmdline(cmdline)
 }
 
 /// A raw image of `DISK_MIB` MiB: the pattern over the first `pattern_mib`

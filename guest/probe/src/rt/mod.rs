@@ -7,10 +7,12 @@ pub mod cpuid;
 pub mod exception;
 pub mod exit;
 pub mod fail;
+#[cfg(feature = "virtio")]
 mod heap;
 pub mod io;
 pub mod lapic;
 mod libc;
 pub mod physmem;
 pub mod tsc;
+#[cfg(feature = "virtio")]
 pub mod virtio;

@@ -1,12 +1,15 @@
 //! The workloads, one module each, chosen by `probe=<name>`. Each declares
 //! the `probe.<key>` parameters it knows; any other key is an error.
 
+#[cfg(feature = "virtio")]
 pub mod blk;
 pub mod cpu;
 pub mod fault;
 pub mod hello;
 pub mod mem;
+#[cfg(feature = "virtio")]
 pub mod net;
+#[cfg(feature = "virtio")]
 pub mod rng;
 pub mod smp;
 
@@ -27,15 +30,24 @@ const WORKLOADS: &[Workload] = &[
     smp::WORKLOAD,
     mem::WORKLOAD,
     fault::WORKLOAD,
-    rng::WORKLOAD,
-    blk::WORKLOAD,
-    net::WORKLOAD,
 ];
 
+/// The virtio workloads, in a probe built with `--features virtio`.
+#[cfg(feature = "virtio")]
+const VIRTIO_WORKLOADS: &[Workload] = &[rng::WORKLOAD, blk::WORKLOAD, net::WORKLOAD];
+#[cfg(not(feature = "virtio"))]
+const VIRTIO_WORKLOADS: &[Workload] = &[];
+
 pub fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
-    let Some(workload) = WORKLOADS.iter().find(|w| w.name == params.workload) else {
+    let mut all = WORKLOADS.iter().chain(VIRTIO_WORKLOADS);
+    let Some(workload) = all.find(|w| w.name == params.workload) else {
+        let virtio = if VIRTIO_WORKLOADS.is_empty() {
+            "; rng blk net need a probe built with --features virtio"
+        } else {
+            " rng blk net"
+        };
         return fail!(
-            "unknown workload probe={} (known: hello cpu smp mem fault rng blk net)",
+            "unknown workload probe={} (known: hello cpu smp mem fault{virtio})",
             params.workload
         );
     };
