@@ -121,7 +121,7 @@ fn heavy_linux_pvh_boot_with_pvm_compat_gets_as_far_as_qemu() {
         &["--cpu-profile", "pvm-compat", "--vcpus", "2"],
         CMDLINE,
         &["x86/fpu: x87 FPU will use FXSAVE"],
-        Duration::from_secs(240),
+        Duration::from_secs(280),
     );
     assert_early_boot(&console);
     // The MADT lists both vCPUs.
