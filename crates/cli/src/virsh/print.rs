@@ -11,7 +11,7 @@ pub fn list(domains: &[DomainSummary], names_only: bool) {
         }
         return;
     }
-    println!(" {:<8} {:<30} {}", "Id", "Name", "State");
+    println!(" {:<8} {:<30} State", "Id", "Name");
     println!("{}", "-".repeat(50));
     for d in domains {
         let id = d.pid.map_or("-".to_owned(), |p| p.to_string());
@@ -80,7 +80,7 @@ pub fn memtune(m: &MemTune) {
 }
 
 pub fn vcpupin(pins: &[VcpuPin]) {
-    println!(" {:<6} {}", "VCPU", "CPU Affinity");
+    println!(" {:<6} CPU Affinity", "VCPU");
     println!("{}", "-".repeat(22));
     for p in pins {
         let list = if p.cpulist.is_empty() {
