@@ -4,7 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace
-ox=target/release/oxvirt
+target="${CARGO_TARGET_DIR:-target}"
+ox="$target/release/oxvirt"
+probe="$target/release/oxvirt-probe"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -28,7 +30,7 @@ echo "== oxvirt vmm: the probe guest boots through PVH on KVM (its console below
 # The probe reports through the debug-exit port: status (0 << 1) | 1 = 1 means it said ok.
 boot_probe() {
     local status=0
-    $ox vmm --kernel target/release/oxvirt-probe --memory 64M "$@" || status=$?
+    $ox vmm --kernel "$probe" --memory 64M "$@" || status=$?
     [ "$status" -eq 1 ] || { echo "demo: the probe guest failed (exit status $status)"; exit 1; }
 }
 boot_probe --vcpus 2 --cmdline 'probe=smp'
@@ -41,7 +43,7 @@ daemon=$!
 trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 50); do [ -S "$rundir/oxvirtd.sock" ] && break; sleep 0.1; done
 c=(-c "$rundir/oxvirtd.sock")
-$ox run "${c[@]}" --name demo --kernel target/release/oxvirt-probe \
+$ox run "${c[@]}" --name demo --kernel "$probe" \
     --cmdline 'probe=mem probe.mib=16 probe.dirty_mib_s=4' --memory 256m --cpus 0.5 --cpu-shares 512
 $ox list "${c[@]}" --all
 $ox dominfo "${c[@]}" demo
