@@ -4,8 +4,12 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::virtio::DeviceInterrupt;
+use crate::GuestMemory;
 
 /// A running worker: its thread and the EventFd that tells it to stop. The
 /// thread returns its state `T` so that the device can be saved or resumed.
@@ -80,6 +84,53 @@ pub(crate) fn drain(evt: &EventFd) {
     if let Err(e) = evt.read() {
         if e.kind() != io::ErrorKind::WouldBlock {
             tracing::warn!("virtio worker: reading an EventFd failed: {e}");
+        }
+    }
+}
+
+/// A worker that serves one virtqueue. `process_queue` is the part of the
+/// spec's notification suppression every such device shares: serve with
+/// notifications off, re-enable them and look again before going idle (or
+/// a request that raced the re-enable would sit unseen), then interrupt the
+/// driver only if it asked to be told.
+pub(crate) trait QueueServer {
+    /// The device's name in log lines.
+    const NAME: &'static str;
+
+    fn queue_and_memory(&mut self) -> (&mut Queue, &GuestMemory);
+
+    fn interrupt(&self) -> &DeviceInterrupt;
+
+    /// Serves available chains; returns whether any went to the used ring.
+    /// Stops early when a rate limiter refuses one, and then `throttled`.
+    fn serve_available(&mut self) -> bool;
+
+    fn throttled(&self) -> bool;
+
+    fn process_queue(&mut self) {
+        let mut used_any = false;
+        loop {
+            let (queue, mem) = self.queue_and_memory();
+            if let Err(e) = queue.disable_notification(mem) {
+                tracing::warn!("{}: disabling notifications: {e}", Self::NAME);
+            }
+            used_any |= self.serve_available();
+            if self.throttled() {
+                break;
+            }
+            let (queue, mem) = self.queue_and_memory();
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!("{}: enabling notifications: {e}", Self::NAME);
+                    break;
+                }
+            }
+        }
+        let (queue, mem) = self.queue_and_memory();
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt().signal_used_queue();
         }
     }
 }

@@ -19,7 +19,7 @@ use super::request::{
 };
 use super::{BlockConfig, BlockCounters, BlockError, BlockStats, CacheMode};
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
-use crate::virtio::worker::{drain, EventLoop, WorkerThread};
+use crate::virtio::worker::{drain, EventLoop, QueueServer, WorkerThread};
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice,
     COMMON_FEATURES,
@@ -381,54 +381,6 @@ impl BlockWorker {
         Ok(events)
     }
 
-    /// Serves available requests until the ring is empty or a limiter
-    /// refuses one; then tells the driver if it wants to know.
-    fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                tracing::warn!("virtio-blk: disabling notifications: {e}");
-            }
-            used_any |= self.serve_available();
-            if self.throttled {
-                break;
-            }
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: enabling notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used_any && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    fn serve_available(&mut self) -> bool {
-        let mut used_any = false;
-        self.throttled = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let parsed = request::parse(chain, self.capacity);
-            if let Ok(req) = &parsed.request {
-                if !self.admit(req) {
-                    self.queue.go_to_previous_position();
-                    self.throttled = true;
-                    break;
-                }
-            }
-            let used_len = self.complete(parsed);
-            if let Err(e) = self.queue.add_used(&self.mem, head, used_len) {
-                tracing::warn!("virtio-blk: adding descriptor {head} to the used ring: {e}");
-            }
-            used_any = true;
-        }
-        used_any
-    }
-
     /// Asks the request's direction's limiter for its bytes and one op.
     fn admit(&self, req: &Request) -> bool {
         let limiter = match req.kind {
@@ -638,6 +590,43 @@ impl BlockWorker {
                 (word(0..8), word(8..12), word(12..16) as u32)
             })
             .collect())
+    }
+}
+
+impl QueueServer for BlockWorker {
+    const NAME: &'static str = "virtio-blk";
+
+    fn queue_and_memory(&mut self) -> (&mut Queue, &GuestMemory) {
+        (&mut self.queue, &self.mem)
+    }
+
+    fn interrupt(&self) -> &DeviceInterrupt {
+        &self.interrupt
+    }
+
+    fn serve_available(&mut self) -> bool {
+        let mut used_any = false;
+        self.throttled = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let parsed = request::parse(chain, self.capacity);
+            if let Ok(req) = &parsed.request {
+                if !self.admit(req) {
+                    self.queue.go_to_previous_position();
+                    self.throttled = true;
+                    break;
+                }
+            }
+            let used_len = self.complete(parsed);
+            if let Err(e) = self.queue.add_used(&self.mem, head, used_len) {
+                tracing::warn!("virtio-blk: adding descriptor {head} to the used ring: {e}");
+            }
+            used_any = true;
+        }
+        used_any
+    }
+    fn throttled(&self) -> bool {
+        self.throttled
     }
 }
 

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::RngError;
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
-use crate::virtio::worker::{drain, EventLoop, WorkerThread};
+use crate::virtio::worker::{drain, EventLoop, QueueServer, WorkerThread};
 use crate::virtio::{
     ActivateContext, ActivateError, DeviceInterrupt, VirtioDevice, COMMON_FEATURES,
 };
@@ -183,66 +183,6 @@ impl RngWorker {
         }
     }
 
-    /// Serves requests until the ring is empty or the limiter refuses one,
-    /// re-enabling notifications (avail_event) before going idle.
-    fn process_queue(&mut self) {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                tracing::warn!("virtio-rng: disabling notifications: {e}");
-            }
-            used_any |= self.serve_available();
-            if self.throttled {
-                break;
-            }
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-rng: enabling notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used_any && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    fn serve_available(&mut self) -> bool {
-        let mut used_any = false;
-        self.throttled = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            let Some(buffers) = self.writable_buffers(&descs) else {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("virtio-rng: malformed descriptor chain at head {head}");
-                self.add_used(head, 0);
-                used_any = true;
-                continue;
-            };
-            let wanted: usize = buffers
-                .iter()
-                .map(|d| d.len() as usize)
-                .sum::<usize>()
-                .min(MAX_REQUEST);
-            if !lock(&self.limiter).consume(wanted as u64) {
-                self.queue.go_to_previous_position();
-                self.throttled = true;
-                break;
-            }
-            let written = self.fill(&buffers, wanted);
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .bytes
-                .fetch_add(written as u64, Ordering::Relaxed);
-            self.add_used(head, written as u32);
-            used_any = true;
-        }
-        used_any
-    }
-
     /// The chain's buffers if it terminates and all are device-writable and
     /// inside guest memory.
     fn writable_buffers(&self, descs: &[Descriptor]) -> Option<Vec<Descriptor>> {
@@ -281,5 +221,54 @@ impl RngWorker {
         if let Err(e) = self.queue.add_used(&self.mem, head, len) {
             tracing::warn!("virtio-rng: adding descriptor {head} to the used ring: {e}");
         }
+    }
+}
+
+impl QueueServer for RngWorker {
+    const NAME: &'static str = "virtio-rng";
+
+    fn queue_and_memory(&mut self) -> (&mut Queue, &GuestMemory) {
+        (&mut self.queue, &self.mem)
+    }
+
+    fn interrupt(&self) -> &DeviceInterrupt {
+        &self.interrupt
+    }
+
+    fn serve_available(&mut self) -> bool {
+        let mut used_any = false;
+        self.throttled = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let Some(buffers) = self.writable_buffers(&descs) else {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("virtio-rng: malformed descriptor chain at head {head}");
+                self.add_used(head, 0);
+                used_any = true;
+                continue;
+            };
+            let wanted: usize = buffers
+                .iter()
+                .map(|d| d.len() as usize)
+                .sum::<usize>()
+                .min(MAX_REQUEST);
+            if !lock(&self.limiter).consume(wanted as u64) {
+                self.queue.go_to_previous_position();
+                self.throttled = true;
+                break;
+            }
+            let written = self.fill(&buffers, wanted);
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes
+                .fetch_add(written as u64, Ordering::Relaxed);
+            self.add_used(head, written as u32);
+            used_any = true;
+        }
+        used_any
+    }
+    fn throttled(&self) -> bool {
+        self.throttled
     }
 }
