@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::DeviceInterrupt;
+use crate::virtio::{ActivateError, DeviceInterrupt};
 use crate::GuestMemory;
 
 /// A running worker: its thread and the EventFd that tells it to stop. The
@@ -19,15 +19,21 @@ pub(crate) struct WorkerThread<T> {
 }
 
 impl<T: Send + 'static> WorkerThread<T> {
-    /// Runs `body` on a new thread named `name`; `body` must return soon
-    /// after the EventFd it is given becomes readable.
-    pub fn spawn(name: &str, body: impl FnOnce(EventFd) -> T + Send + 'static) -> io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let worker_stop = stop.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || body(worker_stop))?;
-        Ok(WorkerThread { stop, handle })
+    /// Runs `body` on a new thread named after `device`; `body` must return
+    /// soon after the EventFd it is given becomes readable.
+    pub fn spawn(
+        device: &'static str,
+        body: impl FnOnce(EventFd) -> T + Send + 'static,
+    ) -> Result<Self, ActivateError> {
+        let thread = || -> io::Result<Self> {
+            let stop = EventFd::new(EFD_NONBLOCK)?;
+            let worker_stop = stop.try_clone()?;
+            let handle = std::thread::Builder::new()
+                .name(device.to_owned())
+                .spawn(move || body(worker_stop))?;
+            Ok(WorkerThread { stop, handle })
+        };
+        thread().map_err(|source| ActivateError::Thread { device, source })
     }
 
     /// Stops the thread and returns its state; `None` if it panicked.

@@ -254,13 +254,7 @@ impl VirtioDevice for Block {
             buffer: AlignedBuffer::new(CHUNK),
             throttled: false,
         };
-        let thread =
-            WorkerThread::spawn("virtio-blk", move |stop| worker.run(stop)).map_err(|source| {
-                ActivateError::Thread {
-                    device: DEVICE,
-                    source,
-                }
-            })?;
+        let thread = WorkerThread::spawn(DEVICE, move |stop| worker.run(stop))?;
         self.worker = Some(thread);
         Ok(())
     }

@@ -257,13 +257,7 @@ impl VirtioDevice for Net {
             rx_throttled: false,
             tx_throttled: false,
         };
-        let thread =
-            WorkerThread::spawn("virtio-net", move |stop| worker.run(stop)).map_err(|source| {
-                ActivateError::Thread {
-                    device: DEVICE,
-                    source,
-                }
-            })?;
+        let thread = WorkerThread::spawn(DEVICE, move |stop| worker.run(stop))?;
         self.worker = Some(thread);
         Ok(())
     }

@@ -119,13 +119,7 @@ impl VirtioDevice for Rng {
             buffer: vec![0; MAX_REQUEST],
             throttled: false,
         };
-        let thread =
-            WorkerThread::spawn("virtio-rng", move |stop| worker.run(stop)).map_err(|source| {
-                ActivateError::Thread {
-                    device: DEVICE,
-                    source,
-                }
-            })?;
+        let thread = WorkerThread::spawn(DEVICE, move |stop| worker.run(stop))?;
         self.worker = Some(thread);
         Ok(())
     }
