@@ -490,8 +490,10 @@ const THREADS_HELPER: &str = "OXVIRT_HOST_THREADS_HELPER";
 /// thread ids, waits for EOF.
 fn play_a_vmm() {
     let tid = || nix::unistd::gettid().as_raw();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let spin_tx = tx.clone();
+    // One channel per thread: the spinner is always reported first (vcpu0),
+    // whichever thread happens to start first.
+    let (spin_tx, spin_rx) = std::sync::mpsc::channel();
+    let (sleep_tx, sleep_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         spin_tx.send(tid()).unwrap();
         loop {
@@ -499,11 +501,11 @@ fn play_a_vmm() {
         }
     });
     std::thread::spawn(move || {
-        tx.send(tid()).unwrap();
+        sleep_tx.send(tid()).unwrap();
         std::thread::sleep(Duration::from_secs(60));
     });
-    let (a, b) = (rx.recv().unwrap(), rx.recv().unwrap());
-    println!("TIDS {} {a} {b}", tid());
+    let (spinner, sleeper) = (spin_rx.recv().unwrap(), sleep_rx.recv().unwrap());
+    println!("TIDS {} {spinner} {sleeper}", tid());
     let mut rest = String::new();
     let _ = std::io::stdin().read_line(&mut rest);
     std::process::exit(0);
