@@ -70,6 +70,7 @@ pub fn probe(path: &Path) -> Result<Format> {
 pub struct Chain {
     seen: Vec<PathBuf>,
     follow: bool,
+    direct: bool,
 }
 
 impl Chain {
@@ -77,15 +78,28 @@ impl Chain {
         Chain {
             seen: Vec::new(),
             follow: true,
+            direct: false,
         }
     }
 
     /// Opens images without their backing files (for metadata work).
     pub fn without_backing() -> Chain {
         Chain {
-            seen: Vec::new(),
             follow: false,
+            ..Chain::new()
         }
+    }
+
+    /// Opens every file of the chain with O_DIRECT (`cache=none`).
+    pub fn direct() -> Chain {
+        Chain {
+            direct: true,
+            ..Chain::new()
+        }
+    }
+
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
     }
 
     fn enter(&mut self, path: &Path) -> Result<()> {
@@ -145,13 +159,19 @@ impl Chain {
             None => probe(path)?,
         };
         Ok(match format {
-            Format::Raw => Box::new(Raw::open(path, read_only)?),
+            Format::Raw => Box::new(Raw::open(path, read_only, self.direct)?),
             Format::Qcow2 => Box::new(Qcow2::open(path, read_only, self)?),
             Format::Vmdk => {
                 if !read_only {
                     return Err(Error::Unsupported {
                         path: path.into(),
                         what: "writing VMDK images".into(),
+                    });
+                }
+                if self.direct {
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        what: "O_DIRECT (cache=none) on VMDK images".into(),
                     });
                 }
                 Box::new(Vmdk::open(path)?)
@@ -183,7 +203,28 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// How [`open_with`] opens an image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// The format; probed from the first bytes where None.
+    pub format: Option<Format>,
+    /// O_DIRECT on the image and every backing file (the VMM's
+    /// `cache=none`); fails on filesystems without O_DIRECT.
+    pub direct: bool,
+}
+
 /// Opens an image (probing its format unless given) with its backing chain.
 pub fn open(path: &Path, read_only: bool, format: Option<Format>) -> Result<Box<dyn BlockDevice>> {
     Chain::new().open(path, read_only, format)
+}
+
+/// Opens an image with its backing chain as `opts` say.
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    let mut chain = if opts.direct {
+        Chain::direct()
+    } else {
+        Chain::new()
+    };
+    chain.open(path, opts.read_only, opts.format)
 }

@@ -16,4 +16,4 @@ pub mod vmdk;
 
 pub use block::{Allocation, BlockDevice};
 pub use error::{Error, Result};
-pub use image::{open, Format};
+pub use image::{open, open_with, Format, OpenOptions};

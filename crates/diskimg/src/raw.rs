@@ -14,13 +14,9 @@ pub struct Raw {
 }
 
 impl Raw {
-    pub fn open(path: &Path, read_only: bool) -> Result<Raw> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(io(path))?;
-        let disk = Disk::new(file, path);
+    /// Opens a raw image, with O_DIRECT if `direct`.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Raw> {
+        let disk = Disk::open(path, read_only, direct)?;
         // As QEMU: a raw disk is whole 512-byte sectors; the tail reads as zeroes.
         let size = disk.len()?.div_ceil(512) * 512;
         Ok(Raw {

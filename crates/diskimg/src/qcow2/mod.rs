@@ -16,14 +16,13 @@ pub mod refcount;
 pub mod snapshot;
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::block::{Allocation, BlockDevice};
 use crate::compress;
 use crate::disk::{be64_at, Disk};
-use crate::error::{corrupt, invalid, io, Error, Result};
+use crate::error::{corrupt, invalid, Error, Result};
 use crate::image::Chain;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use refcount::Refcounts;
@@ -83,12 +82,7 @@ impl Qcow2 {
     /// Opens a qcow2 image; its backing chain is opened read-only through
     /// `chain`. Opening for writing repairs a dirty image's refcounts.
     pub(crate) fn open(path: &Path, read_only: bool, chain: &mut Chain) -> Result<Qcow2> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(io(path))?;
-        let disk = Disk::new(file, path);
+        let disk = Disk::open(path, read_only, chain.is_direct())?;
         let file_len = disk.len()?;
         let mut first = vec![0u8; file_len.min(2 << 20) as usize];
         disk.read_meta(&mut first, 0, "header")?;
