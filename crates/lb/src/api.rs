@@ -2,11 +2,16 @@
 //!
 //! - `GET /api/upstreams`: every upstream with per-server state and counters
 //! - `GET /api/upstreams/NAME`
+//! - `GET /api/upstreams/NAME/servers[/ID]`
+//! - `POST /api/upstreams/NAME/servers` with `{"server":"IP:PORT","weight":N,...}`
 //! - `PATCH /api/upstreams/NAME/servers/ID` with `{"weight":N,"down":bool,"drain":bool}`
+//! - `DELETE /api/upstreams/NAME/servers/ID`
+//! - nginx Plus's `/api/N/stream/upstreams/...` paths mean the same
 //! - `GET /api/stats`: balancer-wide counters
 //! - `GET /metrics`: the same numbers in Prometheus text format
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -15,8 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::{PeerStatus, Upstream};
-use crate::config::ApiListen;
+use crate::balancer::{Peer, PeerStatus, Upstream, UpstreamError};
+use crate::config::{parse_duration, ApiListen, PeerConf};
 use crate::runtime::Shared;
 
 /// Largest request (headers and body) the API reads.
@@ -70,6 +75,18 @@ enum ApiError {
     #[error("not found: {0}")]
     NotFound(String),
 }
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> ApiError {
+        match e {
+            UpstreamError::NoSuchServer { .. } => ApiError::NotFound(e.to_string()),
+            _ => ApiError::Bad(e.to_string()),
+        }
+    }
+}
+
+const OK: &str = "200 OK";
+const CREATED: &str = "201 Created";
 
 async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Request, ApiError> {
     let mut buf = Vec::new();
@@ -132,7 +149,7 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Request, ApiErr
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Arc<Shared>) {
     let (status, content_type, body) =
         match read_request(&mut s).await.and_then(|r| route(&r, &shared)) {
-            Ok((ct, body)) => ("200 OK", ct, body),
+            Ok(reply) => reply,
             Err(e @ ApiError::NotFound(_)) => ("404 Not Found", "application/json", error_json(&e)),
             Err(e @ ApiError::Bad(_)) => ("400 Bad Request", "application/json", error_json(&e)),
         };
@@ -150,9 +167,12 @@ fn error_json(e: &ApiError) -> String {
 
 #[derive(Serialize)]
 struct ServerView {
-    id: usize,
+    id: u64,
     server: String,
     weight: u32,
+    max_conns: u32,
+    max_fails: u32,
+    fail_timeout: String,
     backup: bool,
     state: PeerStatus,
     active: u32,
@@ -168,26 +188,35 @@ struct UpstreamView {
     servers: Vec<ServerView>,
 }
 
+fn server_view(p: &Peer, state: PeerStatus) -> ServerView {
+    ServerView {
+        id: p.id,
+        server: p.conf.addr.to_string(),
+        weight: p.weight.load(Ordering::Relaxed),
+        max_conns: p.conf.max_conns,
+        max_fails: p.conf.max_fails,
+        fail_timeout: format!("{}s", p.conf.fail_timeout.as_secs_f64()),
+        backup: p.conf.backup,
+        state,
+        active: p.active.load(Ordering::Relaxed),
+        connections: p.connections.load(Ordering::Relaxed),
+        sent: p.bytes_sent.load(Ordering::Relaxed),
+        received: p.bytes_received.load(Ordering::Relaxed),
+        fails: p.failures.load(Ordering::Relaxed),
+    }
+}
+
+fn servers(u: &Upstream) -> Vec<ServerView> {
+    u.statuses()
+        .iter()
+        .map(|(p, state)| server_view(p, *state))
+        .collect()
+}
+
 fn view(u: &Upstream) -> UpstreamView {
     UpstreamView {
         name: u.name.clone(),
-        servers: u
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(id, p)| ServerView {
-                id,
-                server: p.conf.addr.to_string(),
-                weight: p.weight.load(Ordering::Relaxed),
-                backup: p.conf.backup,
-                state: u.status(id),
-                active: p.active.load(Ordering::Relaxed),
-                connections: p.connections.load(Ordering::Relaxed),
-                sent: p.bytes_sent.load(Ordering::Relaxed),
-                received: p.bytes_received.load(Ordering::Relaxed),
-                fails: p.failures.load(Ordering::Relaxed),
-            })
-            .collect(),
+        servers: servers(u),
     }
 }
 
@@ -199,7 +228,74 @@ struct Patch {
     drain: Option<bool>,
 }
 
-fn route(r: &Request, shared: &Shared) -> Result<(&'static str, String), ApiError> {
+/// A server to add, in nginx Plus's field names.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewServer {
+    server: String,
+    weight: Option<u32>,
+    max_conns: Option<u32>,
+    max_fails: Option<u32>,
+    fail_timeout: Option<String>,
+    backup: Option<bool>,
+    down: Option<bool>,
+    drain: Option<bool>,
+}
+
+impl NewServer {
+    fn into_peer(self) -> Result<(PeerConf, bool, bool), ApiError> {
+        let addr: SocketAddr = self.server.parse().map_err(|_| {
+            ApiError::Bad(format!(
+                "\"server\": \"{}\" is not an IP address with a port",
+                self.server
+            ))
+        })?;
+        let mut conf = PeerConf::new(self.server, addr);
+        conf.weight = self.weight.unwrap_or(conf.weight);
+        conf.max_conns = self.max_conns.unwrap_or(conf.max_conns);
+        conf.max_fails = self.max_fails.unwrap_or(conf.max_fails);
+        conf.backup = self.backup.unwrap_or(false);
+        if let Some(t) = &self.fail_timeout {
+            conf.fail_timeout = parse_duration(t)
+                .ok_or_else(|| ApiError::Bad(format!("\"fail_timeout\": invalid time \"{t}\"")))?;
+        }
+        Ok((
+            conf,
+            self.down.unwrap_or(false),
+            self.drain.unwrap_or(false),
+        ))
+    }
+}
+
+fn body<'a, T: serde::Deserialize<'a>>(r: &'a Request) -> Result<T, ApiError> {
+    serde_json::from_slice(&r.body).map_err(|e| ApiError::Bad(format!("JSON body: {e}")))
+}
+
+fn server_id(u: &Upstream, id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("server {id} in upstream \"{}\"", u.name)))
+}
+
+/// `/api/N/stream/upstreams/...` (nginx Plus's paths) is the same as `/api/upstreams/...`.
+fn route_parts(path: &str) -> Vec<&str> {
+    let mut parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if parts.len() >= 3
+        && parts[0] == "api"
+        && parts[1].bytes().all(|b| b.is_ascii_digit())
+        && parts[2] == "stream"
+    {
+        parts.drain(1..3);
+    }
+    parts
+}
+
+type Reply = Result<(&'static str, &'static str, String), ApiError>;
+
+fn json(v: impl Serialize) -> Reply {
+    Ok((OK, "application/json", serde_json::json!(v).to_string()))
+}
+
+fn route(r: &Request, shared: &Shared) -> Reply {
     let generation = shared.current();
     let find = |name: &str| {
         generation
@@ -208,23 +304,48 @@ fn route(r: &Request, shared: &Shared) -> Result<(&'static str, String), ApiErro
             .find(|u| u.name == name)
             .ok_or_else(|| ApiError::NotFound(format!("upstream \"{name}\"")))
     };
-    let parts: Vec<&str> = r.path.trim_matches('/').split('/').collect();
-    let json = |v: serde_json::Value| Ok(("application/json", v.to_string()));
-    match (r.method.as_str(), parts.as_slice()) {
+    match (r.method.as_str(), route_parts(&r.path).as_slice()) {
         ("GET", ["api", "upstreams"]) => {
             let all: Vec<UpstreamView> = generation.upstreams.iter().map(|u| view(u)).collect();
-            json(serde_json::json!(all))
+            json(all)
         }
-        ("GET", ["api", "upstreams", name]) => json(serde_json::json!(view(find(name)?))),
+        ("GET", ["api", "upstreams", name]) => json(view(find(name)?)),
+        ("GET", ["api", "upstreams", name, "servers"]) => json(servers(find(name)?)),
+        ("GET", ["api", "upstreams", name, "servers", id]) => {
+            let u = find(name)?;
+            let id = server_id(u, id)?;
+            let (p, state) = u
+                .statuses()
+                .into_iter()
+                .find(|(p, _)| p.id == id)
+                .ok_or_else(|| ApiError::NotFound(format!("server {id} in upstream \"{name}\"")))?;
+            json(server_view(&p, state))
+        }
+        ("POST", ["api", "upstreams", name, "servers"]) => {
+            let u = find(name)?;
+            let (conf, down, drain) = body::<NewServer>(r)?.into_peer()?;
+            let peer = u.add(conf)?;
+            peer.admin_down.store(down, Ordering::Relaxed);
+            peer.draining.store(drain, Ordering::Relaxed);
+            tracing::info!(upstream = %u.name, server = %peer.conf.addr, id = peer.id, "server added through the API");
+            let state = u
+                .statuses()
+                .into_iter()
+                .find(|(p, _)| p.id == peer.id)
+                .map_or(PeerStatus::Up, |(_, s)| s);
+            let view = serde_json::json!(server_view(&peer, state));
+            Ok((CREATED, "application/json", view.to_string()))
+        }
+        ("DELETE", ["api", "upstreams", name, "servers", id]) => {
+            let u = find(name)?;
+            let peer = u.remove(server_id(u, id)?)?;
+            tracing::info!(upstream = %u.name, server = %peer.conf.addr, id = peer.id, "server removed through the API");
+            json(servers(u))
+        }
         ("PATCH", ["api", "upstreams", name, "servers", id]) => {
             let u = find(name)?;
-            let peer = id
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| u.peers.get(i))
-                .ok_or_else(|| ApiError::NotFound(format!("server {id} in upstream \"{name}\"")))?;
-            let patch: Patch = serde_json::from_slice(&r.body)
-                .map_err(|e| ApiError::Bad(format!("JSON body: {e}")))?;
+            let peer = u.find(server_id(u, id)?)?;
+            let patch: Patch = body(r)?;
             if patch.weight == Some(0) {
                 return Err(ApiError::Bad("weight must be at least 1".into()));
             }
@@ -237,7 +358,7 @@ fn route(r: &Request, shared: &Shared) -> Result<(&'static str, String), ApiErro
             if let Some(d) = patch.drain {
                 peer.draining.store(d, Ordering::Relaxed);
             }
-            json(serde_json::json!(view(u)))
+            json(view(u))
         }
         ("GET", ["api", "stats"]) => {
             let s = &shared.stats;
@@ -252,6 +373,7 @@ fn route(r: &Request, shared: &Shared) -> Result<(&'static str, String), ApiErro
             }))
         }
         ("GET", ["metrics"]) => Ok((
+            OK,
             "text/plain; version=0.0.4",
             metrics(shared, &generation.upstreams),
         )),
@@ -319,14 +441,18 @@ fn metrics(shared: &Shared, upstreams: &[Arc<Upstream>]) -> String {
             p.failures.load(Ordering::Relaxed)
         }),
     ];
+    let peers: Vec<(&str, Vec<(Arc<Peer>, PeerStatus)>)> = upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u.statuses()))
+        .collect();
     for (name, kind, get) in series {
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for u in upstreams {
-            for p in &u.peers {
+        for (upstream, list) in &peers {
+            for (p, _) in list {
                 let _ = writeln!(
                     out,
                     "{name}{{upstream=\"{}\",server=\"{}\"}} {}",
-                    u.name,
+                    upstream,
                     p.conf.addr,
                     get(p)
                 );
@@ -334,13 +460,13 @@ fn metrics(shared: &Shared, upstreams: &[Arc<Upstream>]) -> String {
         }
     }
     let _ = writeln!(out, "# TYPE oxvirt_lb_upstream_up gauge");
-    for u in upstreams {
-        for (i, p) in u.peers.iter().enumerate() {
-            let up = u8::from(u.status(i) == PeerStatus::Up);
+    for (upstream, list) in &peers {
+        for (p, state) in list {
+            let up = u8::from(*state == PeerStatus::Up);
             let _ = writeln!(
                 out,
-                "oxvirt_lb_upstream_up{{upstream=\"{}\",server=\"{}\"}} {up}",
-                u.name, p.conf.addr
+                "oxvirt_lb_upstream_up{{upstream=\"{upstream}\",server=\"{}\"}} {up}",
+                p.conf.addr
             );
         }
     }

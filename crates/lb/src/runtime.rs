@@ -116,14 +116,20 @@ pub struct Balancer {
     api_stop: CancellationToken,
 }
 
+/// Builds the state for `config`; upstreams of `previous` with the same name
+/// hand over their unchanged servers (health, counters, API changes).
 fn build_generation(
     config: Config,
     shared_zones: &Mutex<HashMap<String, Arc<Zone>>>,
+    previous: Option<&Generation>,
 ) -> Result<Generation, RunError> {
     let upstreams: Vec<Arc<Upstream>> = config
         .upstreams
         .iter()
-        .map(|u| Arc::new(Upstream::new(u)))
+        .map(|u| {
+            let old = previous.and_then(|g| g.upstreams.iter().find(|o| o.name == u.name));
+            Arc::new(Upstream::new(u, old.map(|o| &**o)))
+        })
         .collect();
     let mut files = LogFiles::default();
     let zones = {
@@ -266,7 +272,7 @@ impl Balancer {
         let zones = Mutex::new(HashMap::new());
         let capacity = config.max_sessions.map(|n| Arc::new(Semaphore::new(n)));
         let api_conf = config.runtime_api.clone();
-        let generation = build_generation(config, &zones)?;
+        let generation = build_generation(config, &zones, None)?;
         let shared = Arc::new(Shared {
             sessions: TaskTracker::new(),
             kill: CancellationToken::new(),
@@ -301,7 +307,8 @@ impl Balancer {
     /// Switches to `config`: listeners that stay keep their sockets (no
     /// refused connections), sessions in flight finish on the old generation.
     pub fn reload(&mut self, config: Config) -> Result<(), RunError> {
-        let generation = build_generation(config, &self.shared.zones)?;
+        let generation =
+            build_generation(config, &self.shared.zones, Some(&self.shared.current()))?;
         self.install(generation)?;
         self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -349,16 +356,18 @@ impl Balancer {
             self.listeners.insert(key, ListenerHandle { serve: tx });
         }
         let generation = Arc::new(generation);
-        health::spawn(&generation, &generation.retired);
         let old = std::mem::replace(
             &mut *self
                 .shared
                 .current
                 .write()
                 .unwrap_or_else(|e| e.into_inner()),
-            generation,
+            generation.clone(),
         );
+        // The old checkers stop before the new ones start: kept peers never
+        // have two checkers counting their streaks.
         old.retired.cancel();
+        health::spawn(&generation, &generation.retired);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::balancer::Peer;
 use crate::config::{Access, ListenConf, ProxyVersion};
 use crate::limits::Slot;
 use crate::proxy_protocol;
@@ -93,12 +94,11 @@ async fn run(
         return STATUS_BAD_GATEWAY;
     };
     let status = proxy_session(ctx, shared, &client, &upstream, vars, &early).await;
-    let p = &ctx.upstream.peers[peer];
-    p.bytes_sent
+    peer.bytes_sent
         .fetch_add(vars.upstream_bytes_sent, Ordering::Relaxed);
-    p.bytes_received
+    peer.bytes_received
         .fetch_add(vars.upstream_bytes_received, Ordering::Relaxed);
-    ctx.upstream.release(peer, false);
+    ctx.upstream.release(&peer, false);
     status
 }
 
@@ -128,7 +128,7 @@ fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
 }
 
 /// Tries peers until one accepts, within proxy_next_upstream's limits.
-async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, usize)> {
+async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, Arc<Peer>)> {
     let proxy = &ctx.conf.proxy;
     let upstream = &ctx.upstream;
     let key = ctx
@@ -136,14 +136,12 @@ async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, usize)>
         .as_ref()
         .map(|k| k.render(vars))
         .unwrap_or_default();
-    let mut tried = vec![false; upstream.peers.len()];
+    let mut tried = Vec::new();
     let started = Instant::now();
-    let mut tries = 0;
     loop {
         let peer = upstream.select(key.as_bytes(), &tried)?;
-        tried[peer] = true;
-        tries += 1;
-        let addr = upstream.peers[peer].conf.addr;
+        tried.push(peer.id);
+        let addr = peer.conf.addr;
         vars.upstream_addr.push(addr);
         let attempt = Instant::now();
         match connect_one(addr, proxy.bind, proxy.connect_timeout).await {
@@ -153,10 +151,11 @@ async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, usize)>
             }
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, peer = %addr, client = %vars.remote, "connect failed: {e}");
-                upstream.release(peer, true);
+                upstream.release(&peer, true);
             }
         }
-        let out_of_tries = proxy.next_upstream_tries > 0 && tries >= proxy.next_upstream_tries;
+        let out_of_tries =
+            proxy.next_upstream_tries > 0 && tried.len() >= proxy.next_upstream_tries as usize;
         let out_of_time = !proxy.next_upstream_timeout.is_zero()
             && started.elapsed() >= proxy.next_upstream_timeout;
         if !proxy.next_upstream || out_of_tries || out_of_time {

@@ -112,23 +112,21 @@ async fn session(
         .as_ref()
         .map(|k| k.render(vars))
         .unwrap_or_default();
-    let tried = vec![false; ctx.upstream.peers.len()];
-    let Some(peer) = ctx.upstream.select(key.as_bytes(), &tried) else {
+    let Some(peer) = ctx.upstream.select(key.as_bytes(), &[]) else {
         return 502;
     };
-    let addr = ctx.upstream.peers[peer].conf.addr;
+    let addr = peer.conf.addr;
     vars.upstream_addr.push(addr);
     let header = proxy
         .send_proxy_protocol
         .map(|_| proxy_protocol::encode_v2(vars.remote, vars.server, true))
         .unwrap_or_default();
     let result = exchange(ctx, socket, &mut rx, first, addr, &header, vars).await;
-    let p = &ctx.upstream.peers[peer];
-    p.bytes_sent
+    peer.bytes_sent
         .fetch_add(vars.upstream_bytes_sent, Ordering::Relaxed);
-    p.bytes_received
+    peer.bytes_received
         .fetch_add(vars.upstream_bytes_received, Ordering::Relaxed);
-    ctx.upstream.release(peer, result.is_err());
+    ctx.upstream.release(&peer, result.is_err());
     match result {
         Ok(()) => 200,
         Err(e) => {

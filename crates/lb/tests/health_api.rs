@@ -307,7 +307,7 @@ async fn heavy_health_check_port_and_send_expect() {
     let healthy = |lb: &lb::Balancer| {
         let gen = lb.shared().current();
         gen.upstreams[0]
-            .peers
+            .peers()
             .iter()
             .map(|p| p.healthy.load(Ordering::Relaxed))
             .collect::<Vec<_>>()

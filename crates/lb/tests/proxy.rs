@@ -142,7 +142,7 @@ async fn heavy_dead_backend_is_skipped_then_backup_takes_over() {
     let gen = lb.shared().current();
     let u = &gen.upstreams[0];
     assert_eq!(
-        u.peers[0]
+        u.peers()[0]
             .failures
             .load(std::sync::atomic::Ordering::Relaxed),
         1,

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use syntax::{Directive, Location, SyntaxError};
-pub use values::Cidr;
-use values::{parse_duration, parse_size};
+use values::parse_size;
+pub use values::{parse_duration, Cidr};
 
 use crate::vars::Template;
 
@@ -923,7 +923,8 @@ impl Builder {
 }
 
 impl PeerConf {
-    fn new(name: String, addr: SocketAddr) -> PeerConf {
+    /// A server with nginx's defaults (weight 1, max_fails 1, fail_timeout 10s).
+    pub fn new(name: String, addr: SocketAddr) -> PeerConf {
         PeerConf {
             name,
             addr,
