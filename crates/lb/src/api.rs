@@ -381,6 +381,9 @@ fn route(r: &Request, shared: &Shared) -> Reply {
     }
 }
 
+/// An upstream's peers and their states, as [`Upstream::statuses`] gives them.
+type PeerStates = Vec<(Arc<Peer>, PeerStatus)>;
+
 /// Reads one number off a peer, for a metrics series.
 type PeerValue = fn(&crate::balancer::Peer) -> u64;
 
@@ -441,7 +444,7 @@ fn metrics(shared: &Shared, upstreams: &[Arc<Upstream>]) -> String {
             p.failures.load(Ordering::Relaxed)
         }),
     ];
-    let peers: Vec<(&str, Vec<(Arc<Peer>, PeerStatus)>)> = upstreams
+    let peers: Vec<(&str, PeerStates)> = upstreams
         .iter()
         .map(|u| (u.name.as_str(), u.statuses()))
         .collect();
