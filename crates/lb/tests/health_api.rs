@@ -331,3 +331,243 @@ async fn heavy_health_check_port_and_send_expect() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(healthy(&lb), [false, false]);
 }
+
+fn servers(body: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let list = if v.is_array() { &v } else { &v["servers"] };
+    list.as_array().unwrap().clone()
+}
+
+/// Greetings of `n` new sessions through `addr`, counted by backend name.
+async fn spread(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        *seen.entry(greeting(addr).await.unwrap()).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_health_state_survives_reload_and_api_adds_and_removes_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (Backend::start("one").await, Backend::start("two").await);
+    let (port, one_addr, two_addr) = (free_port(), one.addr, two.addr);
+    let api = dir.path().join("api.sock");
+    let text = |check: &str| {
+        format!(
+            "stream {{
+  runtime_api unix:{};
+  match greets {{ expect ~ \"^(one|two|three)\"; }}
+  upstream app {{ server {}; server {}; }}
+  server {{ listen 127.0.0.1:{port}; proxy_pass app; proxy_connect_timeout 1s; health_check {check} match=greets; }}
+}}",
+            api.display(),
+            one_addr, two_addr
+        )
+    };
+    let mut lb = start(dir.path(), &text("interval=100ms fails=1 passes=1"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
+    assert_eq!(spread(addr, 4).await.len(), 2);
+    two.stop();
+    for _ in 0..100 {
+        if state(&api, 1).await == "unhealthy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&api, 1).await, "unhealthy");
+    let (_, before) = http(&api, "GET", "/api/upstreams/app/servers/0", "").await;
+    let served_by_one = serde_json::from_str::<serde_json::Value>(&before).unwrap()["connections"]
+        .as_u64()
+        .unwrap();
+
+    // Reload with slower checks: fresh state would call "two" up for seconds.
+    lb.reload(config(dir.path(), &text("interval=10s fails=3 passes=2")))
+        .unwrap();
+    assert_eq!(state(&api, 1).await, "unhealthy", "health reset by reload");
+    assert_eq!(spread(addr, 6).await.get("one"), Some(&6));
+    let (_, after) = http(&api, "GET", "/api/upstreams/app/servers/0", "").await;
+    let after: serde_json::Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after["connections"].as_u64().unwrap(), served_by_one + 6);
+    // Back on the faster checks: two passes bring it up again.
+    lb.reload(config(dir.path(), &text("interval=100ms fails=3 passes=2")))
+        .unwrap();
+    let _two = Backend::at("two", two_addr).await;
+    for _ in 0..100 {
+        if state(&api, 1).await == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&api, 1).await, "up", "not up after passes");
+
+    // Add a server (nginx Plus's path and fields), then remove one.
+    let three = Backend::start("three").await;
+    let (code, body) = http(
+        &api,
+        "POST",
+        "/api/9/stream/upstreams/app/servers",
+        &format!(r#"{{"server":"{}","weight":2}}"#, three.addr),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let added: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (added["id"].as_u64(), added["weight"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(
+        spread(addr, 8).await.get("three"),
+        Some(&4),
+        "weight 2 of 4"
+    );
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let held_by = read_line(&mut held).await.unwrap();
+    let held_id = ["one", "two", "three"]
+        .iter()
+        .position(|n| *n == held_by)
+        .unwrap();
+    let (code, body) = http(
+        &api,
+        "DELETE",
+        &format!("/api/upstreams/app/servers/{held_id}"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(servers(&body).len(), 2);
+    assert!(!spread(addr, 8).await.contains_key(&held_by));
+    held.write_all(b"still served").await.unwrap();
+    let mut buf = [0u8; 12];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still served", "removal cut an open session");
+
+    for (method, path, body, want) in [
+        (
+            "POST",
+            "/api/upstreams/app/servers",
+            r#"{"server":"nowhere"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/upstreams/app/servers",
+            r#"{"server":"127.0.0.1:1","weight":0}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/upstreams/app/servers",
+            r#"{"server":"127.0.0.1:1","color":1}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/upstreams/nope/servers",
+            r#"{"server":"127.0.0.1:1"}"#,
+            404,
+        ),
+        ("DELETE", "/api/upstreams/app/servers/77", "", 404),
+        ("DELETE", "/api/upstreams/app/servers/x", "", 404),
+    ] {
+        assert_eq!(
+            http(&api, method, path, body).await.0,
+            want,
+            "{method} {path} {body}"
+        );
+    }
+    // The file is the truth for which servers exist: a reload brings back
+    // the removed one and drops the one the API added.
+    lb.reload(config(dir.path(), &text("interval=100ms fails=3 passes=2")))
+        .unwrap();
+    let (_, body) = http(&api, "GET", "/api/upstreams/app/servers", "").await;
+    let names: Vec<String> = servers(&body)
+        .iter()
+        .map(|s| s["server"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, [one_addr.to_string(), two_addr.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_draining_server_keeps_its_sessions_and_takes_no_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (Backend::start("one").await, Backend::start("two").await);
+    let port = free_port();
+    let api = dir.path().join("api.sock");
+    let text = format!(
+        "stream {{
+  runtime_api unix:{};
+  upstream app {{ server {}; server {}; }}
+  server {{ listen 127.0.0.1:{port}; proxy_pass app; }}
+}}",
+        api.display(),
+        one.addr,
+        two.addr
+    );
+    let mut lb = start(dir.path(), &text);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
+    let mut on_one = Vec::new();
+    while on_one.len() < 3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if read_line(&mut s).await.unwrap() == "one" {
+            on_one.push(s);
+        }
+    }
+    let (code, _) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/0",
+        r#"{"drain":true}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let server0 = || async {
+        let (_, body) = http(&api, "GET", "/api/upstreams/app/servers/0", "").await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let s = server0().await;
+    assert_eq!(
+        (s["state"].as_str(), s["active"].as_u64()),
+        (Some("draining"), Some(3))
+    );
+    let accepted = one.count();
+    assert_eq!(spread(addr, 10).await.get("two"), Some(&10));
+    assert_eq!(one.count(), accepted, "a draining server got a new session");
+    // Draining is kept by a reload that leaves the server line alone.
+    lb.reload(config(dir.path(), &text)).unwrap();
+    assert_eq!(spread(addr, 4).await.get("two"), Some(&4));
+    for (i, s) in on_one.iter_mut().enumerate() {
+        let msg = format!("session {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, msg.as_bytes(), "draining cut an open session");
+    }
+    drop(on_one);
+    for _ in 0..100 {
+        if server0().await["active"].as_u64() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = server0().await;
+    assert_eq!(
+        (s["state"].as_str(), s["active"].as_u64()),
+        (Some("draining"), Some(0))
+    );
+    let (code, _) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/0",
+        r#"{"drain":false}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        spread(addr, 4).await.len(),
+        2,
+        "undrained server gets sessions again"
+    );
+}
