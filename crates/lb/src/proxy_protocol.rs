@@ -27,6 +27,10 @@ pub enum PpError {
     Timeout(Duration),
     #[error("reading the PROXY header: {0}")]
     Io(String),
+    #[error("PROXY v1 cannot describe UDP: a datagram needs a v2 header")]
+    V1Datagram,
+    #[error("datagram ends inside its PROXY header")]
+    Truncated,
 }
 
 /// What a PROXY header said about the original connection.
@@ -68,6 +72,18 @@ async fn read_header_inner<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Header, V
         if let Parse::Done(header, len) = parse(&buf)? {
             return Ok((header, buf.split_off(len)));
         }
+    }
+}
+
+/// Parses the PROXY header that starts a datagram (`listen ... udp
+/// proxy_protocol`; every datagram carries one). Returns it and its length.
+pub fn parse_datagram(datagram: &[u8]) -> Result<(Header, usize), PpError> {
+    if datagram.starts_with(b"PROXY ") {
+        return Err(PpError::V1Datagram);
+    }
+    match parse(datagram)? {
+        Parse::Done(header, len) => Ok((header, len)),
+        Parse::Incomplete => Err(PpError::Truncated),
     }
 }
 
@@ -388,6 +404,34 @@ mod tests {
         }
         let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat();
         assert_eq!(parse(&long).err(), Some(PpError::TooLong(V1_MAX)));
+    }
+
+    #[test]
+    fn datagrams_need_a_whole_v2_header() {
+        let (src, dst) = (
+            "10.0.0.1:53".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap(),
+        );
+        let mut d = encode_v2(src, dst, true);
+        let len = d.len();
+        d.extend_from_slice(b"query");
+        assert_eq!(
+            parse_datagram(&d),
+            Ok((
+                Header {
+                    source: Some(src),
+                    dest: Some(dst)
+                },
+                len
+            ))
+        );
+        assert_eq!(parse_datagram(&d[..len - 1]), Err(PpError::Truncated));
+        assert_eq!(
+            parse_datagram(&encode_v1(src, dst)),
+            Err(PpError::V1Datagram)
+        );
+        assert!(matches!(parse_datagram(b"query"), Err(PpError::Missing(_))));
+        assert_eq!(parse_datagram(b""), Err(PpError::Truncated));
     }
 
     #[tokio::test]

@@ -18,8 +18,16 @@ const MAX_DATAGRAM: usize = 65535;
 /// Datagrams queued per session before new ones are dropped (UDP may drop).
 const QUEUE: usize = 256;
 
-/// Live sessions: client address to (session id, datagram queue).
-type SessionMap = HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>;
+/// A session is one client socket, and with `listen ... udp proxy_protocol`
+/// one original source from the PROXY header (a proxy may multiplex clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SessionKey {
+    client: SocketAddr,
+    source: Option<SocketAddr>,
+}
+
+/// Live sessions: key to (session id, datagram queue).
+type SessionMap = HashMap<SessionKey, (u64, mpsc::Sender<Vec<u8>>)>;
 type Sessions = Arc<Mutex<SessionMap>>;
 
 pub async fn serve(
@@ -29,25 +37,56 @@ pub async fn serve(
 ) {
     let sessions: Sessions = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut current = serve.borrow().clone();
     loop {
         tokio::select! {
             changed = serve.changed() => {
-                if changed.is_err() || serve.borrow().is_none() {
+                current = serve.borrow().clone();
+                if changed.is_err() || current.is_none() {
                     return;
                 }
             }
             received = socket.recv_from(&mut buf) => {
                 let Ok((n, client)) = received else { continue };
-                let data = buf[..n].to_vec();
-                let existing = lock(&sessions).get(&client).map(|(_, tx)| tx.clone());
+                let Some((ctx, listen)) = &current else { return };
+                let (header, payload) = if listen.proxy_protocol {
+                    match proxy_protocol::parse_datagram(&buf[..n]) {
+                        Ok((h, len)) => (Some(h), &buf[len..n]),
+                        Err(e) => {
+                            // Per datagram, so not above debug: a flood must not flood the log.
+                            tracing::debug!(%client, "PROXY protocol: {e}");
+                            shared.stats.proxy_protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                } else {
+                    (None, &buf[..n])
+                };
+                let key = SessionKey { client, source: header.and_then(|h| h.source) };
+                let mut data = payload.to_vec();
+                let existing = lock(&sessions).get(&key).map(|(_, tx)| tx.clone());
                 if let Some(tx) = existing {
-                    // A full queue drops the datagram, as a congested network would.
-                    if !matches!(tx.try_send(data.clone()), Err(mpsc::error::TrySendError::Closed(_))) {
-                        continue;
+                    // A full queue drops the datagram, as a congested network would;
+                    // a closed one means the session just ended: start another.
+                    match tx.try_send(data) {
+                        Err(mpsc::error::TrySendError::Closed(d)) => data = d,
+                        _ => continue,
                     }
                 }
-                let Some((ctx, _)) = serve.borrow().clone() else { return };
-                start_session(ctx, shared.clone(), socket.clone(), sessions.clone(), client, data);
+                let task_shared = shared.clone();
+                let sessions = sessions.clone();
+                let id = shared.next_connection();
+                let (tx, rx) = mpsc::channel(QUEUE);
+                lock(&sessions).insert(key, (id, tx));
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let mut vars = Vars::new(client, listen.addr, true, id);
+                vars.proxy_protocol = key.source;
+                let trusted = ctx.conf.proxy.real_ip_from.iter().any(|c| c.contains(client.ip()));
+                if let (true, Some(src)) = (trusted, key.source) {
+                    vars.remote = src;
+                }
+                let started = Started { ctx: ctx.clone(), socket: socket.clone(), key, id, rx, first: data };
+                shared.sessions.spawn(run_session(started, task_shared, sessions, vars));
             }
         }
     }
@@ -57,35 +96,29 @@ fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, SessionMap> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn start_session(
+/// What a new session starts from.
+struct Started {
     ctx: Arc<ServerCtx>,
-    shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
-    sessions: Sessions,
-    client: SocketAddr,
+    key: SessionKey,
+    id: u64,
+    rx: mpsc::Receiver<Vec<u8>>,
     first: Vec<u8>,
-) {
-    let id = shared.next_connection();
-    let (tx, rx) = mpsc::channel(QUEUE);
-    lock(&sessions).insert(client, (id, tx));
-    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let task_shared = shared.clone();
-    shared.sessions.spawn(async move {
-        let local = socket.local_addr().unwrap_or(client);
-        let mut vars = Vars::new(client, local, true, id);
-        vars.status = tokio::select! {
-            status = session(&ctx, &task_shared, &socket, rx, first, &mut vars) => status,
-            () = task_shared.kill.cancelled() => 200,
-        };
-        let mut map = lock(&sessions);
-        if map.get(&client).is_some_and(|(sid, _)| *sid == id) {
-            map.remove(&client);
-        }
-        drop(map);
-        for (log, format) in &ctx.logs {
-            log.write_line(&format.render(&vars));
-        }
-    });
+}
+
+async fn run_session(s: Started, shared: Arc<Shared>, sessions: Sessions, mut vars: Vars) {
+    vars.status = tokio::select! {
+        status = session(&s.ctx, &shared, &s.socket, s.rx, s.first, &mut vars) => status,
+        () = shared.kill.cancelled() => 200,
+    };
+    let mut map = lock(&sessions);
+    if map.get(&s.key).is_some_and(|(sid, _)| *sid == s.id) {
+        map.remove(&s.key);
+    }
+    drop(map);
+    for (log, format) in &s.ctx.logs {
+        log.write_line(&format.render(&vars));
+    }
 }
 
 async fn session(

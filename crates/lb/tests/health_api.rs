@@ -571,3 +571,104 @@ async fn heavy_draining_server_keeps_its_sessions_and_takes_no_new_ones() {
         "undrained server gets sessions again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_udp_listen_accepts_proxy_v2_and_passes_the_client_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = udp_backend().await;
+    let (front, trusting, untrusting) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let log = dir.path().join("pp.log");
+    // front sends PROXY v2 to `trusting`, which takes the client from it and
+    // sends it on to the backend; `untrusting` logs it but keeps the peer.
+    let lb = start(
+        dir.path(),
+        &format!(
+            "stream {{
+  log_format pp '$server_port $remote_addr:$remote_port $proxy_protocol_addr:$proxy_protocol_port $realip_remote_addr';
+  proxy_timeout 300ms;
+  server {{ listen 127.0.0.1:{front} udp; proxy_pass 127.0.0.1:{trusting}; proxy_protocol on; }}
+  server {{
+    listen 127.0.0.1:{trusting} udp proxy_protocol;
+    set_real_ip_from 127.0.0.1;
+    proxy_pass {backend};
+    proxy_protocol on;
+    access_log {0} pp;
+  }}
+  server {{ listen 127.0.0.1:{untrusting} udp proxy_protocol; proxy_pass {backend}; access_log {0} pp; }}
+}}",
+            log.display()
+        ),
+    );
+    let client = UdpSocket::bind("127.0.0.9:0").await.unwrap();
+    let me = client.local_addr().unwrap();
+    let mut buf = [0u8; 1500];
+    let mut ask = |to: u16, msg: Vec<u8>| {
+        let client = &client;
+        async move {
+            client.send_to(&msg, ("127.0.0.1", to)).await.unwrap();
+            tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf))
+                .await
+                .ok()
+                .map(|n| String::from_utf8_lossy(&buf[..n.unwrap()]).into_owned())
+        }
+    };
+    for msg in ["a?", "b?"] {
+        assert_eq!(
+            ask(front, msg.into()).await.as_deref(),
+            Some(format!("{me}|{msg}").as_str()),
+            "the client address did not survive two hops"
+        );
+    }
+    // Hand-made headers for two sources multiplexed on one socket.
+    let claimed = |ip: &str| -> std::net::SocketAddr { format!("{ip}:5353").parse().unwrap() };
+    let dst: std::net::SocketAddr = format!("127.0.0.1:{untrusting}").parse().unwrap();
+    for ip in ["192.0.2.1", "192.0.2.2"] {
+        let mut d = lb::proxy_protocol::encode_v2(claimed(ip), dst, true);
+        d.extend_from_slice(ip.as_bytes());
+        assert_eq!(ask(untrusting, d).await.as_deref(), Some(ip));
+    }
+    let errors = || {
+        lb.shared()
+            .stats
+            .proxy_protocol_errors
+            .load(Ordering::Relaxed)
+    };
+    let before = errors();
+    let v1 = lb::proxy_protocol::encode_v1(claimed("192.0.2.3"), dst);
+    let mut cut = lb::proxy_protocol::encode_v2(claimed("192.0.2.4"), dst, true);
+    cut.truncate(20);
+    for bad in [b"no header".to_vec(), v1, cut] {
+        assert_eq!(
+            ask(untrusting, bad).await,
+            None,
+            "a bad datagram was answered"
+        );
+    }
+    assert_eq!(errors(), before + 3);
+    let mut d = lb::proxy_protocol::encode_v2(claimed("192.0.2.1"), dst, true);
+    d.extend_from_slice(b"again");
+    assert_eq!(ask(untrusting, d).await.as_deref(), Some("again"));
+
+    wait_for(
+        "udp sessions to end and log",
+        Duration::from_secs(5),
+        || lb.shared().sessions.is_empty(),
+    )
+    .await;
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    // The "again" datagram came after the first 192.0.2.1 session had idled out.
+    let from_me = format!("127.0.0.9:{}", me.port());
+    let mut want = vec![
+        format!("{trusting} {from_me} {from_me} 127.0.0.1"),
+        format!("{untrusting} {from_me} 192.0.2.1:5353 127.0.0.9"),
+        format!("{untrusting} {from_me} 192.0.2.1:5353 127.0.0.9"),
+        format!("{untrusting} {from_me} 192.0.2.2:5353 127.0.0.9"),
+    ];
+    want.sort();
+    assert_eq!(lines, want, "one session per client and PROXY source");
+}

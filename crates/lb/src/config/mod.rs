@@ -997,12 +997,6 @@ fn listen(d: &Directive) -> Result<ListenConf, ConfigError> {
             }
         }
     }
-    if l.udp && l.proxy_protocol {
-        return Err(invalid(
-            d,
-            "\"proxy_protocol\" on a \"udp\" listen is not supported",
-        ));
-    }
     Ok(l)
 }
 
