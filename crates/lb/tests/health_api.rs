@@ -602,7 +602,7 @@ async fn heavy_udp_listen_accepts_proxy_v2_and_passes_the_client_on() {
     let client = UdpSocket::bind("127.0.0.9:0").await.unwrap();
     let me = client.local_addr().unwrap();
     let mut buf = [0u8; 1500];
-    let mut ask = |to: u16, msg: Vec<u8>| {
+    let ask = |to: u16, msg: Vec<u8>| {
         let client = &client;
         async move {
             client.send_to(&msg, ("127.0.0.1", to)).await.unwrap();
