@@ -174,3 +174,153 @@ async fn heavy_signals_hup_reloads_quit_drains_term_stops() {
     .await;
     assert_eq!(thread.join().unwrap().unwrap(), 0);
 }
+
+/// GET /api/stats over the runtime API's unix socket.
+async fn api_stats(api: &std::path::Path) -> serde_json::Value {
+    let mut s = tokio::net::UnixStream::connect(api).await.unwrap();
+    s.write_all(b"GET /api/stats HTTP/1.1\r\nHost: lb\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+/// Echoes a numbered message through a long session; false on any failure.
+async fn ping(s: &mut TcpStream, n: u64) -> bool {
+    let msg = format!("ping {n:08}\n");
+    let mut buf = vec![0u8; msg.len()];
+    let round = async {
+        s.write_all(msg.as_bytes()).await?;
+        s.read_exact(&mut buf).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), round).await,
+        Ok(Ok(_))
+    ) && buf == msg.as_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_sighup_reloads_under_load_keep_long_sessions_and_refuse_nothing() {
+    const LONG: usize = 64;
+    const RELOADS: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let backends = [Backend::start("a").await, Backend::start("b").await];
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (path, pid_file, api) = (
+        dir.path().join("lb.conf"),
+        dir.path().join("lb.pid"),
+        dir.path().join("api.sock"),
+    );
+    let write = |generation: u64| {
+        let backend = backends[(generation % 2) as usize].addr;
+        let text = format!(
+            "pid {};\nworker_processes 2;\nstream {{\n  runtime_api unix:{};\n  proxy_timeout {}s;\n  upstream app {{ server {backend}; }}\n  server {{ listen 127.0.0.1:{port} backlog=64; proxy_pass app; }}\n}}\n",
+            pid_file.display(),
+            api.display(),
+            60 + generation
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(0);
+    let thread = run_in_thread(path.clone());
+    wait_for("pid file", Duration::from_secs(10), || pid_file.exists()).await;
+    wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
+
+    let mut long = Vec::new();
+    for _ in 0..LONG {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_line(&mut s).await.unwrap(), "a");
+        long.push(s);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, pings) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    // Long sessions keep talking through every reload.
+    let mut talkers = Vec::new();
+    for mut s in long {
+        let (stop, pings) = (stop.clone(), pings.clone());
+        talkers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if !ping(&mut s, n).await {
+                    return Err(format!("long session failed after {n} pings"));
+                }
+                n += 1;
+                pings.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(s)
+        }));
+    }
+    // A stream of new sessions.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match greeting(addr).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for generation in 1..=RELOADS {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        write(generation);
+        kill(Pid::this(), Signal::SIGHUP).unwrap();
+        let mut reloads = 0;
+        for _ in 0..250 {
+            reloads = api_stats(&api).await["reloads"].as_u64().unwrap();
+            if reloads == generation {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(reloads, generation, "SIGHUP {generation} not applied");
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let mut long = Vec::new();
+    for t in talkers {
+        long.push(t.await.unwrap().unwrap());
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} new sessions failed", ok + failed);
+    assert!(ok > 100, "only {ok} new sessions during {RELOADS} reloads");
+    assert!(pings.load(Ordering::Relaxed) >= (LONG as u64) * 5);
+    // Every long session, opened on generation 0, still works on generation 6.
+    for (i, s) in long.iter_mut().enumerate() {
+        assert!(ping(s, 1_000_000 + i as u64).await, "long session {i}");
+    }
+    assert_eq!(
+        greeting(addr).await.unwrap(),
+        "a",
+        "last config not in effect"
+    );
+    // The probe sessions above end on their own; the long ones stay.
+    let mut active = None;
+    for _ in 0..100 {
+        active = api_stats(&api).await["active_sessions"].as_u64();
+        if active == Some(LONG as u64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(active, Some(LONG as u64));
+    drop(long);
+    kill(Pid::this(), Signal::SIGTERM).unwrap();
+    wait_for("exit on SIGTERM", Duration::from_secs(5), || {
+        thread.is_finished()
+    })
+    .await;
+    assert_eq!(thread.join().unwrap().unwrap(), 0);
+}
