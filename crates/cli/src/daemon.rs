@@ -30,6 +30,12 @@ pub struct Args {
     /// Parent cgroup of all domains (default: oxvirt).
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<PathBuf>,
+    /// The bridge of the `default` NAT network NICs join (default: oxvirbr0).
+    #[arg(long, value_name = "NAME")]
+    network_bridge: Option<String>,
+    /// The bridge's address and prefix (default: 192.168.124.1/24).
+    #[arg(long, value_name = "CIDR")]
+    network_address: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -63,7 +69,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !args.no_cgroups && !root {
         eprintln!("oxvirt daemon: not root: running domains without cgroups");
     }
+    let mut network = server::default_network();
+    if let Some(bridge) = args.network_bridge {
+        network.bridge = bridge;
+    }
+    if let Some(address) = args.network_address {
+        network.address = address
+            .parse()
+            .with_context(|| format!("--network-address {address}"))?;
+    }
     server::run_blocking(DaemonOptions {
+        network,
         paths,
         vmm_binary,
         cgroups: root && !args.no_cgroups,

@@ -6,18 +6,20 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::console::PROTOCOL;
 use crate::domain::State as DomainState;
 use crate::error::ManagerError;
 use crate::manager::{Manager, StateInfo};
-use crate::settings::{Modify, VcpuPin};
+use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::tune::{MemTune, SchedInfo};
 
 /// An error as the API returns it.
@@ -142,6 +144,20 @@ pub fn router(manager: Manager) -> Router {
         )
         .route("/v1/domains/{name}/memtune", get(memtune).put(set_memtune))
         .route("/v1/domains/{name}/vcpupin", get(vcpupin).put(set_vcpupin))
+        .route("/v1/domains/{name}/console", post(console))
+        .route("/v1/domains/{name}/sizing", put(set_sizing))
+        .route(
+            "/v1/domains/{name}/snapshots",
+            get(snapshots).post(snapshot_create),
+        )
+        .route(
+            "/v1/domains/{name}/snapshots/{snapshot}",
+            axum::routing::delete(snapshot_delete),
+        )
+        .route(
+            "/v1/domains/{name}/snapshots/{snapshot}/revert",
+            post(snapshot_revert),
+        )
         .route("/v1/domains/{name}/{action}", post(action))
         .fallback(|| async {
             ApiError(
@@ -213,7 +229,8 @@ async fn undefine(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult {
-    m.undefine(&name, flag(&q, "force")?).await?;
+    m.undefine(&name, flag(&q, "force")?, flag(&q, "snapshots_metadata")?)
+        .await?;
     ok(json!({}))
 }
 
@@ -300,6 +317,86 @@ async fn action(
         }),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Upgrades the connection to a raw console session (`Upgrade:
+/// oxvirt-console`), Docker attach's way.
+async fn console(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    mut request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let wants_console = request
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(PROTOCOL.as_bytes()));
+    if !wants_console {
+        return Err(ApiError::bad_request(
+            format!("a console needs `Connection: Upgrade` and `Upgrade: {PROTOCOL}`"),
+            Some("upgrade"),
+        ));
+    }
+    let attachment = m.console(&name)?;
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => attachment.serve(TokioIo::new(upgraded)).await,
+            Err(e) => tracing::warn!(domain = name, error = %e, "console upgrade failed"),
+        }
+    });
+    Ok((
+        StatusCode::SWITCHING_PROTOCOLS,
+        [(header::CONNECTION, "upgrade"), (header::UPGRADE, PROTOCOL)],
+    )
+        .into_response())
+}
+
+async fn snapshots(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.snapshots(&name)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+async fn snapshot_create(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: SnapshotRequest = body(&bytes)?;
+    let info = m.snapshot_create(&name, &req.name, req.description).await?;
+    Ok((StatusCode::CREATED, ok(info)?))
+}
+
+async fn snapshot_revert(
+    State(m): State<Manager>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> ApiResult {
+    m.snapshot_revert(&name, &snapshot).await?;
+    ok(json!({}))
+}
+
+async fn snapshot_delete(
+    State(m): State<Manager>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> ApiResult {
+    m.snapshot_delete(&name, &snapshot).await?;
+    ok(json!({}))
+}
+
+async fn set_sizing(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
+    let change: Sizing = body(&bytes)?;
+    ok(m.set_sizing(&name, &change, modify(&q)?)?)
 }
 
 async fn schedinfo(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {

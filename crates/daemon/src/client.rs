@@ -15,7 +15,8 @@ use tokio::net::UnixStream;
 
 use crate::api::ErrorBody;
 use crate::manager::{DomainInfo, DomainSummary, StateInfo};
-use crate::settings::{Modify, VcpuPin};
+use crate::settings::{Modify, Sizing, VcpuPin};
+use crate::snapshot::SnapshotInfo;
 use crate::tune::{MemTune, SchedInfo};
 
 /// Errors calling the daemon.
@@ -144,10 +145,63 @@ impl Client {
         .await
     }
 
-    pub async fn undefine(&self, name: &str, force: bool) -> Result<Value, ClientError> {
+    pub async fn undefine(
+        &self,
+        name: &str,
+        force: bool,
+        snapshots_metadata: bool,
+    ) -> Result<Value, ClientError> {
         self.call(
             Method::DELETE,
-            &format!("/v1/domains/{}?force={force}", seg(name)),
+            &format!(
+                "/v1/domains/{}?force={force}&snapshots_metadata={snapshots_metadata}",
+                seg(name)
+            ),
+            None,
+        )
+        .await
+    }
+
+    pub async fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/domains/{}/snapshots", seg(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn snapshot_create(
+        &self,
+        name: &str,
+        snapshot: &str,
+        description: Option<&str>,
+    ) -> Result<SnapshotInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/snapshots", seg(name)),
+            Some(json!({"name": snapshot, "description": description})),
+        )
+        .await
+    }
+
+    pub async fn snapshot_revert(&self, name: &str, snapshot: &str) -> Result<Value, ClientError> {
+        self.call(
+            Method::POST,
+            &format!(
+                "/v1/domains/{}/snapshots/{}/revert",
+                seg(name),
+                seg(snapshot)
+            ),
+            None,
+        )
+        .await
+    }
+
+    pub async fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<Value, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/domains/{}/snapshots/{}", seg(name), seg(snapshot)),
             None,
         )
         .await
@@ -253,6 +307,16 @@ impl Client {
         self.tune(name, "schedinfo", change, modify).await
     }
 
+    /// setvcpus, setmem, setmaxmem.
+    pub async fn set_sizing(
+        &self,
+        name: &str,
+        change: &Sizing,
+        modify: Modify,
+    ) -> Result<Sizing, ClientError> {
+        self.tune(name, "sizing", Some(change), modify).await
+    }
+
     pub async fn memtune(
         &self,
         name: &str,
@@ -269,6 +333,102 @@ impl Client {
         modify: Modify,
     ) -> Result<Vec<VcpuPin>, ClientError> {
         self.tune(name, "vcpupin", pin, modify).await
+    }
+}
+
+/// Ctrl-]: ends a console session, as in virsh.
+pub const CONSOLE_ESCAPE: u8 = 0x1d;
+
+/// How a console session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleEnd {
+    /// The user typed the escape character (or the input ended).
+    Detached,
+    /// The domain's console closed (its VMM ended).
+    Closed,
+}
+
+impl Client {
+    /// A console session on `name`: `input` carries keystrokes (up to
+    /// Ctrl-], which detaches), `output` gets what the guest writes.
+    pub async fn console(
+        &self,
+        name: &str,
+        mut input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        mut output: impl FnMut(&[u8]),
+    ) -> Result<ConsoleEnd, ClientError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let http = |source| ClientError::Http {
+            socket: self.socket.clone(),
+            source,
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        tokio::spawn(connection.with_upgrades());
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/domains/{}/console", seg(name)))
+            .header("host", "oxvirtd")
+            .header("connection", "upgrade")
+            .header("upgrade", crate::console::PROTOCOL)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Decode {
+                status: 0,
+                body: e.to_string(),
+            })?;
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status();
+        if status != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(http)?
+                .to_bytes();
+            return Err(match serde_json::from_slice(&bytes) {
+                Ok(body) => ClientError::Api(body),
+                Err(_) => ClientError::Decode {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(&bytes).into_owned(),
+                },
+            });
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(http)?;
+        let (mut from_daemon, mut to_daemon) = tokio::io::split(TokioIo::new(upgraded));
+        let mut buf = vec![0u8; 4096];
+        let io = |source| ClientError::Connect {
+            socket: self.socket.clone(),
+            source,
+        };
+        loop {
+            tokio::select! {
+                keys = input.recv() => {
+                    let Some(keys) = keys else {
+                        return Ok(ConsoleEnd::Detached);
+                    };
+                    let escape = keys.iter().position(|&b| b == CONSOLE_ESCAPE);
+                    let send = &keys[..escape.unwrap_or(keys.len())];
+                    if !send.is_empty() {
+                        to_daemon.write_all(send).await.map_err(io)?;
+                    }
+                    if escape.is_some() {
+                        return Ok(ConsoleEnd::Detached);
+                    }
+                }
+                read = from_daemon.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Ok(ConsoleEnd::Closed),
+                    Ok(n) => output(&buf[..n]),
+                },
+            }
+        }
     }
 }
 

@@ -10,6 +10,8 @@ use host::cgroup::CpuList;
 use host::size::{self, MemorySwap};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::devices::{disk_index, is_false, DeviceProblem, Disk, Nic};
+
 /// Errors reading, checking or writing a definition.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +64,10 @@ pub struct DomainDef {
     /// Guest RAM (a size such as "512m", or bytes).
     #[serde(default = "default_memory")]
     pub memory: ByteSize,
+    /// The most `setmem` may give the guest (virsh's maximum memory);
+    /// unset: `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<ByteSize>,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
     pub kernel: PathBuf,
@@ -72,6 +78,15 @@ pub struct DomainDef {
     /// The VMM's CPUID profile (host or pvm-compat).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_profile: Option<String>,
+    /// Guest disks, in order: vda, vdb, ...
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Network interfaces on the daemon's NAT network.
+    #[serde(default, rename = "nic", skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub rng: bool,
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
 }
@@ -122,6 +137,10 @@ pub struct Resources {
     pub device_read_iops: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_write_iops: Vec<String>,
+    /// Real-time vCPU threads (`--cap-add sys_nice`, libvirt's vcpusched):
+    /// "fifo" or "rr", optionally with a priority ("fifo:10", default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_sched: Option<String>,
 }
 
 impl Resources {
@@ -265,6 +284,15 @@ impl DomainDef {
                 format!("{}: must be between 1 and {MAX_VCPUS}", self.vcpus),
             ));
         }
+        if let Some(max) = self.max_memory {
+            if max.0 < memory {
+                return Err(self.invalid(
+                    "max_memory",
+                    format!("{max}: below memory ({})", self.memory),
+                ));
+            }
+        }
+        self.validate_devices()?;
         if let Some(profile) = &self.cpu_profile {
             if profile != "host" && profile != "pvm-compat" {
                 return Err(self.invalid(
@@ -274,6 +302,17 @@ impl DomainDef {
             }
         }
         self.validate_resources()
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let device_err = |p: DeviceProblem| self.invalid(p.field, p.reason);
+        for disk in &self.disks {
+            disk.validate().map_err(device_err)?;
+        }
+        for nic in &self.nics {
+            nic.validate().map_err(device_err)?;
+        }
+        Ok(())
     }
 
     fn check_file(&self, field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -346,6 +385,9 @@ impl DomainDef {
             host::cgroup::memory_plus_swap(r.memory_limit.map(|l| l.0), swap.0)
                 .map_err(|e| self.invalid("resources.memory_swap", e.to_string()))?;
         }
+        if let Some(sched) = &r.vcpu_sched {
+            parse_vcpu_sched(sched).map_err(|e| self.invalid("resources.vcpu_sched", e))?;
+        }
         if r.pids_limit == Some(0) {
             return Err(self.invalid("resources.pids_limit", "must be at least 1"));
         }
@@ -360,10 +402,16 @@ impl DomainDef {
                 size::parse_device_iops(rate)
             };
             let parsed = parsed.map_err(|e| self.invalid(field, e.to_string()))?;
+            if disk_index(&parsed.device).is_some() {
+                return Err(self.invalid(
+                    field,
+                    format!("{}: a guest disk's limits go in its [[disk]] throttle (oxvirt run and blkdeviotune put them there)", parsed.device),
+                ));
+            }
             if !parsed.device.starts_with('/') {
                 return Err(self.invalid(
                     field,
-                    format!("{}: only host block devices (/dev/...) can be throttled; the VMM has no guest disks yet", parsed.device),
+                    format!("{}: expected a host block device (/dev/...)", parsed.device),
                 ));
             }
         }
@@ -393,6 +441,31 @@ impl DomainDef {
                 format!("{key:?}: not a vCPU of this domain (it has {})", self.vcpus),
             )),
         }
+    }
+}
+
+/// A real-time scheduling class for vCPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RtPolicy {
+    Fifo,
+    RoundRobin,
+}
+
+/// `vcpu_sched`: "fifo" or "rr", optionally ":PRIORITY" (1..99, default 1).
+pub fn parse_vcpu_sched(text: &str) -> Result<(RtPolicy, u8), String> {
+    let (policy, priority) = text.split_once(':').unwrap_or((text, "1"));
+    let policy = match policy {
+        "fifo" => RtPolicy::Fifo,
+        "rr" => RtPolicy::RoundRobin,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected fifo or rr, optionally :PRIORITY"
+            ))
+        }
+    };
+    match priority.parse::<u8>() {
+        Ok(p @ 1..=99) => Ok((policy, p)),
+        _ => Err(format!("{text:?}: the priority must be 1..99")),
     }
 }
 

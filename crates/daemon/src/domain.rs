@@ -92,6 +92,9 @@ pub struct Record {
     /// Unix seconds.
     pub started_at: u64,
     pub cgroup: bool,
+    /// The taps the daemon made for the NICs, in NIC order.
+    #[serde(default)]
+    pub taps: Vec<String>,
 }
 
 impl Record {

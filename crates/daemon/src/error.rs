@@ -56,6 +56,16 @@ pub enum ManagerError {
         field: &'static str,
         reason: String,
     },
+    #[error("domain {domain:?}: network: {source}")]
+    Network {
+        domain: String,
+        source: host::net::NetError,
+    },
+    #[error("domain {domain:?}: console: {source}")]
+    Console {
+        domain: String,
+        source: crate::console::ConsoleError,
+    },
     #[error("domain {domain:?}: {what} needs cgroups, and this daemon runs without them (start it as root, without --no-cgroups)")]
     NoCgroups { domain: String, what: &'static str },
 }
@@ -73,6 +83,8 @@ impl ManagerError {
             }
             ManagerError::Config(_) | ManagerError::Io { .. } => "io_error",
             ManagerError::Tune { .. } => "cgroup_error",
+            ManagerError::Network { .. } => "network_error",
+            ManagerError::Console { .. } => "console_error",
             ManagerError::Vmm { .. } => "vmm_error",
             ManagerError::Spawn { .. } | ManagerError::StartFailed { .. } => "start_failed",
             ManagerError::Timeout { .. } => "timeout",
@@ -84,7 +96,9 @@ impl ManagerError {
     pub fn http_status(&self) -> u16 {
         match self {
             ManagerError::NotFound { .. } => 404,
-            ManagerError::Exists { .. } | ManagerError::InvalidState { .. } => 409,
+            ManagerError::Exists { .. }
+            | ManagerError::InvalidState { .. }
+            | ManagerError::Console { .. } => 409,
             ManagerError::Config(ConfigError::Parse { .. } | ConfigError::Invalid { .. })
             | ManagerError::Invalid { .. } => 400,
             ManagerError::NoCgroups { .. } => 501,
@@ -106,6 +120,8 @@ impl ManagerError {
             | ManagerError::StartFailed { domain, .. }
             | ManagerError::Timeout { domain, .. }
             | ManagerError::Invalid { domain, .. }
+            | ManagerError::Network { domain, .. }
+            | ManagerError::Console { domain, .. }
             | ManagerError::NoCgroups { domain, .. } => Some(domain),
             ManagerError::Config(ConfigError::Invalid { domain, .. }) => Some(domain),
             ManagerError::Config(_) | ManagerError::Io { .. } => None,

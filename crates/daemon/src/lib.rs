@@ -5,13 +5,17 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod console;
+pub mod devices;
 pub mod domain;
 pub mod error;
 pub mod manager;
+mod network;
 pub mod paths;
 pub mod run_spec;
 pub mod server;
 pub mod settings;
+pub mod snapshot;
 mod supervise;
 pub mod tune;
 pub mod vmm_client;

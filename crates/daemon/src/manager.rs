@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use host::cgroup::{DomainCgroup, Layout, ParentGroup};
+use host::net::NatConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{write_atomic, ConfigError, DomainDef};
+use crate::console::{Attachment, ConsoleError, ConsoleRelay};
 use crate::domain::{is_same_process, Reason, Record, State};
 use crate::error::ManagerError;
 use crate::paths::Paths;
@@ -32,6 +34,8 @@ pub struct ManagerOptions {
     pub vmm_binary: PathBuf,
     /// `None`: no cgroups (a daemon without root).
     pub cgroups: Option<CgroupPlacement>,
+    /// The `default` NAT network domains' NICs join.
+    pub network: NatConfig,
 }
 
 /// Who asked a running domain to stop, so its exit is not a crash.
@@ -49,6 +53,8 @@ pub(crate) struct Live {
     pub stop: Option<StopRequest>,
     pub api: PathBuf,
     pub run_dir: PathBuf,
+    /// The serial console relay (none when the daemon could not reconnect).
+    pub console: Option<ConsoleRelay>,
 }
 
 #[derive(Debug)]
@@ -139,6 +145,11 @@ impl Manager {
         manager.recover().await;
         manager.autostart_all().await;
         Ok(manager)
+    }
+
+    /// Serialises verbs that check a domain's state and then change it.
+    pub(crate) async fn lifecycle(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.lifecycle.lock().await
     }
 
     pub fn paths(&self) -> &Paths {
@@ -270,8 +281,20 @@ impl Manager {
 
     /// Removes a definition. A running domain needs `force` and then stays
     /// running as a transient domain (libvirt's behaviour).
-    pub async fn undefine(&self, name: &str, force: bool) -> Result<(), ManagerError> {
+    pub async fn undefine(
+        &self,
+        name: &str,
+        force: bool,
+        snapshots_metadata: bool,
+    ) -> Result<(), ManagerError> {
         let _guard = self.0.lifecycle.lock().await;
+        if self.has_snapshots(name) && !snapshots_metadata {
+            return Err(ManagerError::Invalid {
+                domain: name.to_owned(),
+                field: "snapshots",
+                reason: "it has snapshots: undefine with --snapshots-metadata (the disks keep them), or delete them first".into(),
+            });
+        }
         let remove = self.with(name, |d| {
             if !d.persistent {
                 return Err(ManagerError::InvalidState {
@@ -294,6 +317,7 @@ impl Manager {
         let path = self.paths().definition(name);
         std::fs::remove_file(&path).map_err(|source| ManagerError::Io { path, source })?;
         remove_if_exists(&self.paths().autostart_mark(name));
+        self.forget_snapshots(name);
         let mut table = self.table();
         if remove {
             table.remove(name);
@@ -492,6 +516,19 @@ impl Manager {
         })
     }
 
+    /// Attaches a console session to a running domain's serial port.
+    pub(crate) fn console(&self, name: &str) -> Result<Attachment, ManagerError> {
+        let live = self.live(name, "attach a console")?;
+        let relay = live.console.ok_or_else(|| ManagerError::Console {
+            domain: name.to_owned(),
+            source: ConsoleError::Closed,
+        })?;
+        relay.attach().map_err(|source| ManagerError::Console {
+            domain: name.to_owned(),
+            source,
+        })
+    }
+
     /// Marks (or unmarks) a persistent domain for start with the daemon.
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<(), ManagerError> {
         let persistent = self.with(name, |d| Ok(d.persistent))?;
@@ -559,7 +596,7 @@ impl Manager {
                 pid = record.pid,
                 "VMM gone while the daemon was away; cleaning up"
             );
-            supervise::cleanup(name, cgroup.as_ref(), &run_dir);
+            supervise::cleanup(name, cgroup.as_ref(), &run_dir, &record.taps);
             return;
         };
         let (state, reason) = match status.as_str() {
@@ -570,12 +607,14 @@ impl Manager {
         let start_ticks = record.start_ticks;
         let persistent = record.persistent && self.table().contains_key(name);
         let def = record.def.clone();
+        let console = supervise::reconnect_console(&run_dir, &self.paths().console_log(name)).await;
         let live = Live {
             record,
             cgroup,
             stop: None,
             api,
             run_dir,
+            console,
         };
         let mut table = self.table();
         let domain = table
@@ -615,7 +654,7 @@ impl Manager {
             return;
         };
         let (state, reason) = supervise::classify(&live, exit, &self.paths().vmm_log(name));
-        supervise::cleanup(name, live.cgroup.as_ref(), &live.run_dir);
+        supervise::cleanup(name, live.cgroup.as_ref(), &live.run_dir, &live.record.taps);
         tracing::info!(domain = name, pid, %state, %reason, "VMM ended");
         let mut table = self.table();
         let Some(domain) = table.get_mut(name) else {

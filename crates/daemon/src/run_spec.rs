@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use host::size::{self, MemorySwap, SizeError};
 
 use crate::config::{check_name, ByteSize, DomainDef, Resources, SwapSetting};
+use crate::devices::{disk_index, Disk, DiskThrottle, Nic};
 
 /// What the VMM process needs beyond guest RAM (its code, page tables,
 /// KVM's structures and thread stacks): `--memory` sets the guest's RAM
@@ -46,6 +47,13 @@ pub struct RunSpec {
     pub device_write_bps: Vec<String>,
     pub device_read_iops: Vec<String>,
     pub device_write_iops: Vec<String>,
+    /// `--disk path=FILE[,format=F][,readonly=on][,cache=C][,serial=S]`.
+    pub disks: Vec<String>,
+    /// `--network default` (one NIC each; `none` for none).
+    pub networks: Vec<String>,
+    pub rng: bool,
+    /// `--cap-add sys_nice`: real-time vCPU threads.
+    pub cap_add: Vec<String>,
 }
 
 fn bytes(flag: &'static str, text: &str) -> Result<u64, RunSpecError> {
@@ -113,9 +121,56 @@ impl RunSpec {
                 })
             })
             .transpose()?;
+        let mut disks = self
+            .disks
+            .iter()
+            .map(|spec| parse_disk(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut host_limits = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let flags = [
+            ("device-read-bps", self.device_read_bps),
+            ("device-write-bps", self.device_write_bps),
+            ("device-read-iops", self.device_read_iops),
+            ("device-write-iops", self.device_write_iops),
+        ];
+        for (slot, (flag, specs)) in host_limits.iter_mut().zip(flags) {
+            for spec in specs {
+                if !set_disk_limit(&mut disks, flag, &spec)? {
+                    slot.push(spec);
+                }
+            }
+        }
+        let [device_read_bps, device_write_bps, device_read_iops, device_write_iops] = host_limits;
+        let nics = self
+            .networks
+            .iter()
+            .filter(|n| n.as_str() != "none")
+            .map(|n| Nic {
+                network: Some(n.clone()),
+                ..Nic::default()
+            })
+            .collect();
+        let mut vcpu_sched = None;
+        for cap in &self.cap_add {
+            match cap.to_ascii_lowercase().trim_start_matches("cap_") {
+                "sys_nice" => vcpu_sched = Some("fifo:1".to_owned()),
+                _ => {
+                    return Err(RunSpecError::Invalid {
+                        flag: "cap-add",
+                        reason: format!(
+                        "{cap:?}: only sys_nice means something for a VM (real-time vCPU threads)"
+                    ),
+                    })
+                }
+            }
+        }
         Ok(DomainDef {
             name,
             memory: ByteSize(guest.unwrap_or(128 << 20)),
+            max_memory: None,
+            disks,
+            nics,
+            rng: self.rng,
             vcpus: self.vcpus.unwrap_or(1),
             kernel,
             initrd,
@@ -135,14 +190,86 @@ impl RunSpec {
                     .map(ByteSize),
                 memory_swap: swap.map(|s| SwapSetting(with_overhead(s))),
                 pids_limit: self.pids_limit,
-                device_read_bps: self.device_read_bps,
-                device_write_bps: self.device_write_bps,
-                device_read_iops: self.device_read_iops,
-                device_write_iops: self.device_write_iops,
+                device_read_bps,
+                device_write_bps,
+                device_read_iops,
+                device_write_iops,
+                vcpu_sched,
                 ..Resources::default()
             },
         })
     }
+}
+
+/// `--disk path=FILE,format=qcow2,readonly=on,cache=none,serial=ID`.
+fn parse_disk(spec: &str) -> Result<Disk, RunSpecError> {
+    let bad = |reason: String| RunSpecError::Invalid {
+        flag: "disk",
+        reason: format!("{spec:?}: {reason}"),
+    };
+    let mut disk = Disk::default();
+    let mut path = None;
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{item:?}: expected KEY=VALUE")))?;
+        match key {
+            "path" | "file" => path = Some(value),
+            "format" => disk.format = Some(value.to_owned()),
+            "readonly" => {
+                disk.readonly = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad(format!("readonly={value}: expected on or off"))),
+                }
+            }
+            "cache" => disk.cache = Some(value.to_owned()),
+            "serial" => disk.serial = Some(value.to_owned()),
+            _ => {
+                return Err(bad(format!(
+                    "unknown key {key:?} (expected path, format, readonly, cache, serial)"
+                )))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| bad("path=FILE is missing".into()))?;
+    disk.path = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+    Ok(disk)
+}
+
+/// Puts `--device-read-bps vda:1mb` on guest disk vda; false when the
+/// device is a host device (a cgroup throttle).
+fn set_disk_limit(
+    disks: &mut [Disk],
+    flag: &'static str,
+    spec: &str,
+) -> Result<bool, RunSpecError> {
+    let parsed = if flag.ends_with("bps") {
+        size::parse_device_bps(spec)
+    } else {
+        size::parse_device_iops(spec)
+    }
+    .map_err(|source| RunSpecError::Size { flag, source })?;
+    let Some(index) = disk_index(&parsed.device) else {
+        return Ok(false);
+    };
+    let count = disks.len();
+    let disk = disks.get_mut(index).ok_or_else(|| RunSpecError::Invalid {
+        flag,
+        reason: format!(
+            "{}: no such disk (the domain has {count} --disk)",
+            parsed.device
+        ),
+    })?;
+    let t: &mut DiskThrottle = &mut disk.throttle;
+    let slot = match flag {
+        "device-read-bps" => &mut t.read_bps,
+        "device-write-bps" => &mut t.write_bps,
+        "device-read-iops" => &mut t.read_iops,
+        _ => &mut t.write_iops,
+    };
+    *slot = Some(parsed.rate);
+    Ok(true)
 }
 
 /// Docker's memory+swap total moves up with the memory limit, so the swap

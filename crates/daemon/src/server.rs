@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use host::cgroup::{CgroupError, Layout, ParentGroup};
+use host::net::{Ipv4Cidr, NatConfig};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -37,6 +38,20 @@ pub struct DaemonOptions {
     pub cgroups: bool,
     /// The parent group of all domains (default `oxvirt`).
     pub cgroup_parent: Option<PathBuf>,
+    /// The `default` NAT network's bridge and gateway address.
+    pub network: NatConfig,
+}
+
+/// The `default` network unless told otherwise: like libvirt's, on a
+/// bridge and subnet of its own so both can run on one host.
+pub fn default_network() -> NatConfig {
+    NatConfig {
+        name: "default".into(),
+        address: Ipv4Cidr::new(std::net::Ipv4Addr::new(192, 168, 124, 1), 24)
+            .expect("a /24 is a valid prefix"),
+        bridge: "oxvirbr0".into(),
+        outgoing: None,
+    }
 }
 
 impl DaemonOptions {
@@ -55,6 +70,7 @@ impl DaemonOptions {
             paths: self.paths.clone(),
             vmm_binary: self.vmm_binary.clone(),
             cgroups,
+            network: self.network.clone(),
         })
     }
 }

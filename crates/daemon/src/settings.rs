@@ -5,7 +5,7 @@
 use host::cgroup::DomainCgroup;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DomainDef, Resources};
+use crate::config::{ByteSize, DomainDef, Resources};
 use crate::error::ManagerError;
 use crate::manager::{Live, Manager};
 use crate::tune::{self, MemTune, SchedInfo, TuneError};
@@ -27,7 +27,79 @@ pub struct VcpuPin {
     pub cpulist: String,
 }
 
+/// setvcpus, setmem and setmaxmem: the vCPU count and memory sizes (bytes)
+/// a domain boots with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sizing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
+}
+
 impl Manager {
+    /// Changes the definition's vCPUs or memory. The VMM has neither CPU
+    /// hotplug nor a balloon, so a live change is refused.
+    pub fn set_sizing(
+        &self,
+        name: &str,
+        change: &Sizing,
+        modify: Modify,
+    ) -> Result<Sizing, ManagerError> {
+        let (live, config) = self.targets(name, modify, "resize")?;
+        if live.is_some() {
+            return Err(ManagerError::Invalid {
+                domain: name.to_owned(),
+                field: "live",
+                reason: "the VMM cannot change a running guest's vCPUs or memory (no CPU hotplug, no balloon yet); use --config, it applies at the next start".into(),
+            });
+        }
+        let Some(mut def) = config else {
+            return Err(ManagerError::Invalid {
+                domain: name.to_owned(),
+                field: "config",
+                reason: "nothing to change".into(),
+            });
+        };
+        if let Some(max) = change.max_memory {
+            def.max_memory = Some(ByteSize(max));
+            // virsh lowers the current size with the maximum.
+            def.memory = ByteSize(def.memory.0.min(max));
+        }
+        if let Some(memory) = change.memory {
+            def.memory = ByteSize(memory);
+        }
+        if let Some(vcpus) = change.vcpus {
+            def.vcpus = vcpus;
+            if let Some(pinned) = def
+                .resources
+                .vcpupin
+                .keys()
+                .find(|k| k.parse::<u32>().is_ok_and(|v| v >= vcpus))
+            {
+                return Err(ManagerError::Invalid {
+                    domain: name.to_owned(),
+                    field: "vcpus",
+                    reason: format!("{vcpus}: vCPU {pinned} has a vcpupin entry; unpin it first"),
+                });
+            }
+        }
+        self.save_definition(&def)?;
+        let sizing = Sizing {
+            vcpus: Some(def.vcpus),
+            memory: Some(def.memory.0),
+            max_memory: Some(def.max_memory.map_or(def.memory.0, |m| m.0)),
+        };
+        self.with(name, |d| {
+            d.def = def;
+            Ok(())
+        })?;
+        Ok(sizing)
+    }
+
     fn targets(
         &self,
         name: &str,

@@ -1,7 +1,9 @@
 //! One `oxvirt vmm` process per running domain: launching it inside the
 //! domain's cgroups, watching it end, and telling a clean stop from a crash.
 
+use std::ffi::{CStr, CString};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,12 +14,13 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::config::DomainDef;
+use crate::console::ConsoleRelay;
 use crate::domain::{is_same_process, process_start_ticks, Reason, Record, State};
 use crate::error::ManagerError;
 use crate::manager::{
     remove_dir, remove_if_exists, unix_now, Live, Manager, ManagerOptions, StopRequest,
 };
-use crate::{tune, vmm_client};
+use crate::{network, tune, vmm_client};
 
 /// How a VMM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +44,13 @@ pub(crate) fn api_socket(run_dir: &Path) -> PathBuf {
     run_dir.join("api.sock")
 }
 
-/// The `oxvirt vmm` arguments for a definition.
-pub fn vmm_args(def: &DomainDef, api: &Path, console_log: &Path) -> Vec<String> {
+/// The VMM's serial port, which the daemon relays (see `console`).
+pub(crate) fn serial_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("serial.sock")
+}
+
+/// The `oxvirt vmm` arguments for a definition whose NICs got `taps`.
+pub fn vmm_args(def: &DomainDef, run_dir: &Path, taps: &[String]) -> Vec<String> {
     let mut args = vec![
         "vmm".to_owned(),
         "--kernel".to_owned(),
@@ -52,9 +60,9 @@ pub fn vmm_args(def: &DomainDef, api: &Path, console_log: &Path) -> Vec<String> 
         "--vcpus".to_owned(),
         def.vcpus.to_string(),
         "--api".to_owned(),
-        api.display().to_string(),
+        api_socket(run_dir).display().to_string(),
         "--serial".to_owned(),
-        format!("file:{}", console_log.display()),
+        format!("unix:{}", serial_socket(run_dir).display()),
     ];
     if let Some(initrd) = &def.initrd {
         args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
@@ -64,6 +72,15 @@ pub fn vmm_args(def: &DomainDef, api: &Path, console_log: &Path) -> Vec<String> 
     }
     if let Some(profile) = &def.cpu_profile {
         args.extend(["--cpu-profile".to_owned(), profile.clone()]);
+    }
+    for (i, disk) in def.disks.iter().enumerate() {
+        args.extend(["--disk".to_owned(), disk.vmm_flag(i)]);
+    }
+    for (i, (nic, tap)) in def.nics.iter().zip(taps).enumerate() {
+        args.extend(["--net".to_owned(), nic.vmm_flag(&def.name, i, tap)]);
+    }
+    if def.rng {
+        args.push("--rng".to_owned());
     }
     args
 }
@@ -84,7 +101,6 @@ pub(crate) async fn launch(
         move |source| ManagerError::Io { path, source }
     };
     std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
-    std::fs::create_dir_all(paths.log_dir()).map_err(io(&paths.log_dir()))?;
     let cgroup = match create_cgroup(opts, def) {
         Ok(cg) => cg,
         Err(e) => {
@@ -92,34 +108,37 @@ pub(crate) async fn launch(
             return Err(e);
         }
     };
-    let api = api_socket(&run_dir);
-    let console_log = paths.console_log(name);
-    remove_if_exists(&console_log);
-    let vmm_log_path = paths.vmm_log(name);
-    // Truncated per run, so its last line is this run's.
-    let vmm_log = std::fs::File::create(&vmm_log_path).map_err(io(&vmm_log_path))?;
-    let spawned = Command::new(&opts.vmm_binary)
-        .args(vmm_args(def, &api, &console_log))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(vmm_log))
-        // Its own process group: a Ctrl-C or SIGTERM meant for the daemon
-        // does not reach the VMs.
-        .process_group(0)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
+    std::fs::create_dir_all(paths.log_dir()).map_err(io(&paths.log_dir()))?;
+    let taps = match network::create_taps(&opts.network, def.nics.len()) {
+        Ok(taps) => taps,
         Err(source) => {
-            abandon(name, None, cgroup.as_ref(), &run_dir).await;
-            return Err(ManagerError::Spawn {
+            abandon(name, None, cgroup.as_ref(), &run_dir, &[]).await;
+            return Err(ManagerError::Network {
                 domain: name.to_owned(),
-                binary: opts.vmm_binary.clone(),
                 source,
             });
         }
     };
-    match settle(def, &mut child, cgroup.as_ref(), &api, &vmm_log_path).await {
-        Ok(vcpu_tids) => {
+    let api = api_socket(&run_dir);
+    let vmm_log_path = paths.vmm_log(name);
+    let spawned = spawn(opts, def, &run_dir, &taps, cgroup.as_ref(), &vmm_log_path);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            abandon(name, None, cgroup.as_ref(), &run_dir, &taps).await;
+            return Err(e);
+        }
+    };
+    let console_log = paths.console_log(name);
+    remove_if_exists(&console_log);
+    let settled = async {
+        let console =
+            connect_console(def, &mut child, &run_dir, &console_log, &vmm_log_path).await?;
+        let tids = settle(def, &mut child, cgroup.as_ref(), &api, &vmm_log_path).await?;
+        Ok::<_, ManagerError>((console, tids))
+    };
+    match settled.await {
+        Ok((console, vcpu_tids)) => {
             let pid = child.id().unwrap_or_default();
             let record = Record {
                 pid,
@@ -134,9 +153,10 @@ pub(crate) async fn launch(
                     .unwrap_or(0),
                 started_at: unix_now(),
                 cgroup: cgroup.is_some(),
+                taps: taps.clone(),
             };
             if let Err(e) = record.save(&run_dir) {
-                abandon(name, Some(child), cgroup.as_ref(), &run_dir).await;
+                abandon(name, Some(child), cgroup.as_ref(), &run_dir, &taps).await;
                 return Err(e.into());
             }
             Ok((
@@ -146,15 +166,115 @@ pub(crate) async fn launch(
                     stop: None,
                     api,
                     run_dir,
+                    console: Some(console),
                 },
                 Waiter::Child(child),
             ))
         }
         Err(e) => {
-            abandon(name, Some(child), cgroup.as_ref(), &run_dir).await;
+            abandon(name, Some(child), cgroup.as_ref(), &run_dir, &taps).await;
             Err(e)
         }
     }
+}
+
+/// Becomes the client of the VMM's serial socket as soon as it exists.
+async fn connect_console(
+    def: &DomainDef,
+    child: &mut Child,
+    run_dir: &Path,
+    console_log: &Path,
+    vmm_log: &Path,
+) -> Result<ConsoleRelay, ManagerError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut exited = None;
+    let connected = ConsoleRelay::connect(&serial_socket(run_dir), console_log, || {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                exited = Some(status);
+                false
+            }
+            _ => Instant::now() < deadline,
+        }
+    })
+    .await;
+    connected.map_err(|e| ManagerError::StartFailed {
+        domain: def.name.clone(),
+        detail: match exited {
+            Some(status) => format!("the VMM exited ({status}): {}", log_tail(vmm_log)),
+            None => e.to_string(),
+        },
+    })
+}
+
+/// Connects the console relay of a VMM found again after a restart.
+pub(crate) async fn reconnect_console(run_dir: &Path, console_log: &Path) -> Option<ConsoleRelay> {
+    ConsoleRelay::connect(&serial_socket(run_dir), console_log, || false)
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "no console for the VMM found again"))
+        .ok()
+}
+
+/// Spawns the VMM; its child side joins the domain's cgroups before exec.
+fn spawn(
+    opts: &ManagerOptions,
+    def: &DomainDef,
+    run_dir: &Path,
+    taps: &[String],
+    cgroup: Option<&DomainCgroup>,
+    vmm_log_path: &Path,
+) -> Result<Child, ManagerError> {
+    let name = def.name.as_str();
+    // Truncated per run, so its last line is this run's.
+    let vmm_log = std::fs::File::create(vmm_log_path).map_err(|source| ManagerError::Io {
+        path: vmm_log_path.to_owned(),
+        source,
+    })?;
+    let join: Vec<CString> = cgroup
+        .map(|cg| cg.self_join_files())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| CString::new(f.as_os_str().as_bytes()).ok())
+        .collect();
+    let mut command = Command::new(&opts.vmm_binary);
+    command
+        .args(vmm_args(def, run_dir, taps))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(vmm_log))
+        // Its own process group: a Ctrl-C or SIGTERM meant for the daemon
+        // does not reach the VMs.
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // calls `join_cgroup`, which makes async-signal-safe calls on memory
+    // prepared before the fork.
+    unsafe {
+        command.pre_exec(move || join.iter().try_for_each(|file| join_cgroup(file)));
+    }
+    command.spawn().map_err(|source| ManagerError::Spawn {
+        domain: name.to_owned(),
+        binary: opts.vmm_binary.clone(),
+        source,
+    })
+}
+
+/// Writes "0" (the writing process) to a cgroup membership file.
+fn join_cgroup(file: &CStr) -> std::io::Result<()> {
+    // SAFETY: `file` is NUL-terminated and outlives the calls; open, write
+    // and close are async-signal-safe and touch only the static buffer.
+    unsafe {
+        let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 fn create_cgroup(
@@ -206,12 +326,6 @@ async fn settle(
         domain: name.to_owned(),
         source,
     };
-    let pid = child
-        .id()
-        .ok_or_else(|| failed("the VMM exited at once".into()))?;
-    if let Some(cg) = cgroup {
-        cg.attach_process(pid).map_err(|e| tune_err(e.into()))?;
-    }
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -248,17 +362,24 @@ async fn settle(
 }
 
 /// Undoes a failed start: kills the VMM, removes its cgroups and folder.
-async fn abandon(name: &str, child: Option<Child>, cgroup: Option<&DomainCgroup>, run_dir: &Path) {
+async fn abandon(
+    name: &str,
+    child: Option<Child>,
+    cgroup: Option<&DomainCgroup>,
+    run_dir: &Path,
+    taps: &[String],
+) {
     if let Some(mut child) = child {
         // Best effort: it may be gone already.
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
-    cleanup(name, cgroup, run_dir);
+    cleanup(name, cgroup, run_dir, taps);
 }
 
-/// Removes what a VMM leaves behind: its cgroups and runtime folder.
-pub(crate) fn cleanup(name: &str, cgroup: Option<&DomainCgroup>, run_dir: &Path) {
+/// Removes what a VMM leaves behind: its cgroups, taps and runtime folder.
+pub(crate) fn cleanup(name: &str, cgroup: Option<&DomainCgroup>, run_dir: &Path, taps: &[String]) {
+    network::delete_taps(taps);
     if let Some(cg) = cgroup {
         if let Err(e) = cg.destroy() {
             tracing::warn!(domain = name, error = %e, "cannot remove the domain's cgroups");

@@ -26,6 +26,7 @@ async fn manager(dir: &Path) -> Manager {
         paths: Paths::under(dir),
         vmm_binary: PathBuf::from("/nonexistent/oxvirt"),
         cgroups: None,
+        network: daemon::server::default_network(),
     })
     .await
     .unwrap()
@@ -197,7 +198,7 @@ async fn definitions_survive_a_manager_restart_and_broken_files_are_skipped() {
         m.define(&toml("keep", &k), "keep.toml").await.unwrap();
         m.define(&toml("gone", &k), "gone.toml").await.unwrap();
         m.set_autostart("keep", true).unwrap();
-        m.undefine("gone", false).await.unwrap();
+        m.undefine("gone", false, false).await.unwrap();
     }
     let domains = Paths::under(dir.path()).domains_dir();
     std::fs::write(domains.join("broken.toml"), "name = \n").unwrap();

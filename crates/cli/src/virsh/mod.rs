@@ -1,6 +1,7 @@
 //! The virsh-like verbs (`oxvirt list`, `oxvirt start DOM`, ...) and
 //! `oxvirt run`: each one API call to oxvirtd, then printing.
 
+mod console;
 mod print;
 
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use daemon::client::{block_on, Client};
 use daemon::paths::{socket_for_uri, Mode, Paths};
 use daemon::run_spec::RunSpec;
-use daemon::settings::{Modify, VcpuPin};
+use daemon::settings::{Modify, Sizing, VcpuPin};
 use daemon::tune::{MemTune, SchedInfo};
 
 /// Which daemon to talk to.
@@ -46,6 +47,15 @@ pub struct Dom {
 }
 
 #[derive(clap::Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Attach to the console right after the start.
+    #[arg(long)]
+    console: bool,
+}
+
+#[derive(clap::Args)]
 pub struct DefineArgs {
     #[command(flatten)]
     connect: Connect,
@@ -60,6 +70,27 @@ pub struct UndefineArgs {
     /// Undefine a running domain too (it keeps running, as a transient domain).
     #[arg(long)]
     force: bool,
+    /// Forget the domain's snapshot metadata too (its disks keep the snapshots).
+    #[arg(long)]
+    snapshots_metadata: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotCreateArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Snapshot name.
+    name: String,
+    /// Free text kept with the snapshot.
+    description: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Snapshot name.
+    name: String,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +192,25 @@ pub struct VcpupinArgs {
 }
 
 #[derive(clap::Args)]
+pub struct SetvcpusArgs {
+    #[command(flatten)]
+    dom: Dom,
+    count: u32,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct SetmemArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// KiB as virsh takes it, or with a unit (512M).
+    size: String,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
 pub struct RunArgs {
     #[command(flatten)]
     connect: Connect,
@@ -202,7 +252,7 @@ pub struct RunArgs {
     memory_reservation: Option<String>,
     #[arg(long)]
     pids_limit: Option<u64>,
-    /// Host block device rates: /dev/sda:1mb (repeatable).
+    /// Rates for a guest disk (vda:1mb) or a host block device (/dev/sda:1mb); repeatable.
     #[arg(long)]
     device_read_bps: Vec<String>,
     #[arg(long)]
@@ -211,6 +261,18 @@ pub struct RunArgs {
     device_read_iops: Vec<String>,
     #[arg(long)]
     device_write_iops: Vec<String>,
+    /// A guest disk: path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=ID] (repeatable; vda, vdb, ...).
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// A NIC on the daemon's NAT network: default (repeatable), or none.
+    #[arg(long, value_name = "NAME")]
+    network: Vec<String>,
+    /// A virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// sys_nice: real-time vCPU threads (libvirt's vcpusched fifo:1).
+    #[arg(long, value_name = "CAP")]
+    cap_add: Vec<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -220,7 +282,9 @@ pub enum Verb {
     /// Remove a domain's definition.
     Undefine(UndefineArgs),
     /// Start a defined domain.
-    Start(Dom),
+    Start(StartArgs),
+    /// Attach to a running domain's serial console (Ctrl-] detaches).
+    Console(Dom),
     /// Ask the guest to power off, then stop the VMM.
     Shutdown(ShutdownArgs),
     /// Stop a domain at once (kill its VMM).
@@ -247,6 +311,24 @@ pub enum Verb {
     Memtune(MemtuneArgs),
     /// Show or set the host CPUs of a vCPU.
     Vcpupin(VcpupinArgs),
+    /// Take an internal snapshot of every disk of a shut-off domain.
+    #[command(name = "snapshot-create-as")]
+    SnapshotCreateAs(SnapshotCreateArgs),
+    /// List a domain's snapshots.
+    #[command(name = "snapshot-list")]
+    SnapshotList(Dom),
+    /// Put every disk back to a snapshot.
+    #[command(name = "snapshot-revert")]
+    SnapshotRevert(SnapshotArgs),
+    /// Delete a snapshot from every disk.
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete(SnapshotArgs),
+    /// Set the number of vCPUs (--config: at the next start).
+    Setvcpus(SetvcpusArgs),
+    /// Set the guest's memory (--config: at the next start).
+    Setmem(SetmemArgs),
+    /// Set the most memory setmem may give (--config).
+    Setmaxmem(SetmemArgs),
     /// Create and start a domain with Docker's resource flags.
     Run(Box<RunArgs>),
 }
@@ -264,10 +346,21 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
             println!("Domain '{}' defined from {}", info.name, a.file.display());
         }
         Verb::Undefine(a) => {
-            wait(a.dom.connect.client()?.undefine(&a.dom.domain, a.force))?;
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .undefine(&a.dom.domain, a.force, a.snapshots_metadata),
+            )?;
             println!("Domain '{}' has been undefined", a.dom.domain);
         }
-        Verb::Start(d) => lifecycle(&d, "start", "started")?,
+        Verb::Start(a) => {
+            lifecycle(&a.dom, "start", "started")?;
+            if a.console {
+                return console::attach(&a.dom.connect.client()?, &a.dom.domain);
+            }
+        }
+        Verb::Console(d) => return console::attach(&d.connect.client()?, &d.domain),
         Verb::Destroy(d) => lifecycle(&d, "destroy", "destroyed")?,
         Verb::Reboot(d) => lifecycle(&d, "reboot", "is being rebooted")?,
         Verb::Suspend(d) => lifecycle(&d, "suspend", "suspended")?,
@@ -308,6 +401,60 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Memtune(a) => memtune(a)?,
         Verb::Vcpupin(a) => vcpupin(a)?,
         Verb::Run(a) => run_domain(*a)?,
+        Verb::SnapshotCreateAs(a) => {
+            let c = a.dom.connect.client()?;
+            let s = wait(c.snapshot_create(&a.dom.domain, &a.name, a.description.as_deref()))?;
+            println!("Domain snapshot {} created", s.name);
+        }
+        Verb::SnapshotList(d) => print::snapshots(&wait(d.connect.client()?.snapshots(&d.domain))?),
+        Verb::SnapshotRevert(a) => {
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .snapshot_revert(&a.dom.domain, &a.name),
+            )?;
+            println!("Domain '{}' reverted to snapshot {}", a.dom.domain, a.name);
+        }
+        Verb::SnapshotDelete(a) => {
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .snapshot_delete(&a.dom.domain, &a.name),
+            )?;
+            println!("Domain snapshot {} deleted", a.name);
+        }
+        Verb::Setvcpus(a) => sizing(
+            &a.dom,
+            Sizing {
+                vcpus: Some(a.count),
+                ..Sizing::default()
+            },
+            a.modify,
+        )?,
+        Verb::Setmem(a) => {
+            let memory = Some(kib_or_size("size", &a.size)?);
+            sizing(
+                &a.dom,
+                Sizing {
+                    memory,
+                    ..Sizing::default()
+                },
+                a.modify,
+            )?
+        }
+        Verb::Setmaxmem(a) => {
+            let max_memory = Some(kib_or_size("size", &a.size)?);
+            sizing(
+                &a.dom,
+                Sizing {
+                    max_memory,
+                    ..Sizing::default()
+                },
+                a.modify,
+            )?
+        }
     }
     Ok(0)
 }
@@ -358,15 +505,31 @@ fn parse_schedinfo(set: &[String]) -> anyhow::Result<SchedInfo> {
     Ok(info)
 }
 
+fn sizing(d: &Dom, change: Sizing, modify: ModifyArgs) -> anyhow::Result<()> {
+    let s = wait(
+        d.connect
+            .client()?
+            .set_sizing(&d.domain, &change, modify.modify()),
+    )?;
+    print::sizing(&s);
+    Ok(())
+}
+
+/// A size in KiB (virsh's unit) or with a unit (512M).
+fn kib_or_size(flag: &str, text: &str) -> anyhow::Result<u64> {
+    let bytes = match text.parse::<u64>() {
+        Ok(kib) => kib.checked_mul(1024).context("too large")?,
+        Err(_) => daemon::tune::parse_bytes(text).with_context(|| format!("{flag} {text}"))?,
+    };
+    Ok(bytes)
+}
+
 /// A memtune size: -1, KiB (virsh's unit), or a size with a unit.
 fn memtune_size(flag: &str, text: &str) -> anyhow::Result<i64> {
     if text == "-1" {
         return Ok(-1);
     }
-    let bytes = match text.parse::<u64>() {
-        Ok(kib) => kib.checked_mul(1024).context("too large")?,
-        Err(_) => daemon::tune::parse_bytes(text).with_context(|| format!("--{flag}"))?,
-    };
+    let bytes = kib_or_size(&format!("--{flag}"), text)?;
     i64::try_from(bytes).with_context(|| format!("--{flag} {text}: too large"))
 }
 
@@ -438,6 +601,10 @@ fn run_domain(a: RunArgs) -> anyhow::Result<()> {
         device_write_bps: a.device_write_bps,
         device_read_iops: a.device_read_iops,
         device_write_iops: a.device_write_iops,
+        disks: a.disk,
+        networks: a.network,
+        rng: a.rng,
+        cap_add: a.cap_add,
     }
     .into_definition()?;
     let text = def.to_toml()?;

@@ -1,7 +1,8 @@
 //! virsh-shaped output.
 
 use daemon::manager::{DomainInfo, DomainSummary};
-use daemon::settings::VcpuPin;
+use daemon::settings::{Sizing, VcpuPin};
+use daemon::snapshot::SnapshotInfo;
 use daemon::tune::{MemTune, SchedInfo};
 
 pub fn list(domains: &[DomainSummary], names_only: bool) {
@@ -90,4 +91,48 @@ pub fn vcpupin(pins: &[VcpuPin]) {
         };
         println!(" {:<6} {list}", p.vcpu);
     }
+}
+
+pub fn sizing(s: &Sizing) {
+    println!("{:<16}{}", "CPU(s):", opt(s.vcpus));
+    println!(
+        "{:<16}{} KiB",
+        "Used memory:",
+        opt(s.memory.map(|m| m / 1024))
+    );
+    println!(
+        "{:<16}{} KiB",
+        "Max memory:",
+        opt(s.max_memory.map(|m| m / 1024))
+    );
+}
+
+pub fn snapshots(list: &[SnapshotInfo]) {
+    println!(" {:<20} {:<26} State", "Name", "Creation Time");
+    println!("{}", "-".repeat(58));
+    for s in list {
+        println!(" {:<20} {:<26} {}", s.name, utc(s.created_at), s.state);
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS +0000`.
+fn utc(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

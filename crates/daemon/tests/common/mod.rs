@@ -46,10 +46,20 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub cgroup_parent: String,
     child: Option<Child>,
+    /// Extra `oxvirt daemon` arguments.
+    extra: Vec<String>,
+    /// The network namespace the daemon (and so its VMMs and taps) runs in.
+    netns: Option<String>,
 }
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[], None)
+    }
+
+    /// A daemon with extra arguments, optionally inside network namespace
+    /// `netns` (which the caller created).
+    pub fn start_with(extra: &[&str], netns: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cgroup_parent = format!(
             "oxvirt-test-{}-{}",
@@ -60,6 +70,8 @@ impl Daemon {
             dir,
             cgroup_parent,
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_owned),
         };
         daemon.launch();
         daemon
@@ -88,12 +100,21 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(oxvirt_bin())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(oxvirt_bin());
+                c
+            }
+            None => Command::new(oxvirt_bin()),
+        };
+        let child = command
             .args(["daemon", "--state-dir"])
             .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
             .args(["--cgroup-parent", &self.cgroup_parent])
+            .args(&self.extra)
             .env("OXVIRT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -315,6 +315,21 @@ impl DomainCgroup {
         Ok(())
     }
 
+    /// The files a process writes "0" to, in this order, to move itself
+    /// into the domain with its thread in `emulator`: a VMM's child side
+    /// does so between fork and exec, so none of its threads ever runs
+    /// outside the domain's limits.
+    pub fn self_join_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for group in &self.groups {
+            files.push(group.dir.join("cgroup.procs"));
+            if group.children {
+                files.push(group.dir.join(EMULATOR).join(group.threads_file()));
+            }
+        }
+        files
+    }
+
     /// Moves one thread (of a process already in the domain) to `scope`,
     /// e.g. a vCPU thread to its `vcpuN` group.
     pub fn attach_thread(&self, scope: Scope, tid: u32) -> Result<(), CgroupError> {
