@@ -6,12 +6,13 @@
 # pinned to CPU $LB_CPU; load generators and backends share CPU $LOAD_CPU.
 # Prints a table and oxvirt/peer ratios (higher is better, except latency).
 #
-#   bash bench/lb.sh            # SECS=5 per measurement
-#   SECS=10 bash bench/lb.sh
+#   bash bench/lb.sh            # SECS=5 per measurement, ROUNDS=5 short-session rounds
+#   SECS=10 ROUNDS=9 bash bench/lb.sh
 #   OXVIRT=path/to/oxvirt LOAD=path/to/lbload bash bench/lb.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
+ROUNDS=${ROUNDS:-5}
 LB_CPU=${LB_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
@@ -141,24 +142,48 @@ per_cpu() { awk -v work="$1" -v secs="$SECS" -v a="$2" -v b="$3" 'BEGIN { c = b 
 # wrk's latency figure ("1.23ms", "850.00us", "1.01s") in milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v } else { sub(/s$/,"",v); print v*1000 } }'; }
 
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+load() { taskset -c "$LOAD_CPU" "$LOAD" "$@"; }
+
 declare -A R
+# Bulk throughput and latency: one pass per balancer.
 for lb in oxvirt nginx haproxy; do
     start_lb "$lb"
-    load() { taskset -c "$LOAD_CPU" "$LOAD" "$@"; }
     R[$lb,bulk1]=$(load bulk "127.0.0.1:$BULK" 1 "$SECS")
     c0=$(cpu_seconds)
     R[$lb,bulk64]=$(load bulk "127.0.0.1:$BULK" 64 "$SECS")
     c1=$(cpu_seconds)
     R[$lb,bulk64cpu]=$(per_cpu "${R[$lb,bulk64]}" "$c0" "$c1")
-    read -r rate failed < <(load conns "127.0.0.1:$WEB" 64 "$SECS")
-    c2=$(cpu_seconds)
-    R[$lb,conns]=$rate
-    R[$lb,connscpu]=$(per_cpu "$rate" "$c1" "$c2" | cut -d. -f1)
-    R[$lb,failed]=$failed
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${SECS}s" --latency "http://127.0.0.1:$WEB/")
     R[$lb,p50]=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
     R[$lb,p99]=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
     stop_lb
+done
+# Short sessions swing with whatever else the machine runs: ROUNDS passes,
+# the three balancers interleaved in each, medians reported (and the median
+# of each round's oxvirt/peer ratio, which cancels slow drifts).
+declare -A S
+for round in $(seq "$ROUNDS"); do
+    for lb in oxvirt nginx haproxy; do
+        start_lb "$lb"
+        c0=$(cpu_seconds)
+        read -r rate failed < <(load conns "127.0.0.1:$WEB" 64 "$SECS")
+        c1=$(cpu_seconds)
+        S[$lb,conns]+="$rate "
+        S[$lb,connscpu,$round]=$(per_cpu "$rate" "$c0" "$c1")
+        S[$lb,connscpu]+="${S[$lb,connscpu,$round]} "
+        S[$lb,failed]=$(( ${S[$lb,failed]:-0} + failed ))
+        stop_lb
+    done
+    for peer in nginx haproxy; do
+        S[$peer,ratio]+="$(awk -v a="${S[oxvirt,connscpu,$round]}" -v b="${S[$peer,connscpu,$round]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }') "
+    done
+    echo "round $round sessions per CPU-second: oxvirt ${S[oxvirt,connscpu,$round]} nginx ${S[nginx,connscpu,$round]} haproxy ${S[haproxy,connscpu,$round]}" >&2
+done
+for lb in oxvirt nginx haproxy; do
+    R[$lb,conns]=$(echo "${S[$lb,conns]}" | median | cut -d. -f1)
+    R[$lb,connscpu]=$(echo "${S[$lb,connscpu]}" | median | cut -d. -f1)
+    R[$lb,failed]=${S[$lb,failed]}
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a/b; else print "-" }'; }
@@ -173,6 +198,9 @@ row "  GB per balancer CPU-second" bulk64cpu
 row "short sessions/s (64 conc)" conns
 row "  sessions per CPU-second" connscpu
 row "failed short sessions" failed
+printf '%-28s %10s %10s %10s %12s %12s\n' "  median of round ratios" "" "" "" \
+    "$(echo "${S[nginx,ratio]}" | median)" "$(echo "${S[haproxy,ratio]}" | median)"
 row "wrk p50 latency ms" p50
 row "wrk p99 latency ms" p99
-echo "(latency ratios: below 1.00 means oxvirt is faster; cores: lb=$LB_CPU load+backends=$LOAD_CPU; ${SECS}s each)"
+echo "(latency ratios: below 1.00 means oxvirt is faster; cores: lb=$LB_CPU load+backends=$LOAD_CPU; ${SECS}s each;"
+echo " short sessions: medians of $ROUNDS interleaved rounds)"

@@ -13,6 +13,11 @@ use tokio::net::TcpStream;
 
 /// Bytes a pipe holds per splice round; large pipes mean fewer syscalls.
 const PIPE_SIZE: usize = 1 << 20;
+/// A direction starts with plain reads and writes through a buffer this
+/// big: for the short messages most sessions carry, recv+send costs less
+/// than two splices and a pipe. The first read that fills it switches the
+/// direction to splice for good.
+const SMALL_READ: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -23,8 +28,6 @@ pub enum RelayError {
         side: &'static str,
         source: io::Error,
     },
-    #[error("stopped by shutdown")]
-    Stopped,
 }
 
 /// One direction's settings and counter.
@@ -63,9 +66,9 @@ impl Activity {
 }
 
 impl Relay<'_> {
-    /// Runs until both sides are done (or one, without half-close), the idle
-    /// timeout fires, or `stop` resolves.
-    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), RelayError> {
+    /// Runs until both sides are done (or one, without half-close) or the idle
+    /// timeout fires. (A fast stop drops the whole session future.)
+    pub async fn run(self) -> Result<(), RelayError> {
         let activity = Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -96,7 +99,6 @@ impl Relay<'_> {
         tokio::select! {
             r = transfer => r,
             e = watchdog => Err(e),
-            () = stop => Err(RelayError::Stopped),
         }
     }
 
@@ -106,7 +108,9 @@ impl Relay<'_> {
             source,
         };
         if d.rate == 0 {
-            splice_loop(d, activity).await.map_err(io_err)?;
+            if copy_small(d, activity).await.map_err(io_err)? {
+                splice_loop(d, activity).await.map_err(io_err)?;
+            }
         } else {
             copy_loop(d, activity, self.buffer_size)
                 .await
@@ -163,6 +167,24 @@ impl Drop for PipeLease {
     fn drop(&mut self) {
         if let (true, Some(pipe)) = (self.empty, self.pipe.take()) {
             pipe.give_back();
+        }
+    }
+}
+
+/// Copies while reads come back short; `Ok(true)` once one filled the
+/// buffer (bulk data: splice the rest), `Ok(false)` at end of stream.
+async fn copy_small(d: &Direction<'_>, activity: &Activity) -> io::Result<bool> {
+    let mut buf = [0u8; SMALL_READ];
+    loop {
+        let n = read_some(d.from, &mut buf).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        write_all(d.to, &buf[..n]).await?;
+        d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+        if n == buf.len() {
+            return Ok(true);
         }
     }
 }
@@ -242,12 +264,26 @@ async fn copy_loop(d: &Direction<'_>, activity: &Activity, buffer_size: usize) -
     }
 }
 
+/// One read of what is there. A short read drained the socket, so readiness
+/// is cleared at once instead of by one more read that fails with EAGAIN.
 pub async fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
     loop {
         s.readable().await?;
-        match s.try_read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
+        let mut got = None;
+        let r = s.try_io(Interest::READABLE, || {
+            let n = nix::unistd::read(s.as_raw_fd(), buf)?;
+            got = Some(n);
+            if n > 0 && n < len {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (r, got) {
+            (_, Some(n)) => return Ok(n),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (Err(e), None) => return Err(e),
+            (Ok(n), None) => return Ok(n),
         }
     }
 }

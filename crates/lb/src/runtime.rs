@@ -189,6 +189,8 @@ fn bind_tcp(l: &ListenConf) -> Result<TcpListener, RunError> {
     )
     .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per session.
+    socket.set_nodelay(true).map_err(err)?;
     if l.reuseport {
         socket.set_reuse_port(true).map_err(err)?;
     }

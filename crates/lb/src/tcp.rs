@@ -39,7 +39,6 @@ pub async fn session(
     };
     let id = shared.next_connection();
     let mut vars = Vars::new(peer, local, false, id);
-    let _ = client.set_nodelay(true);
     // A fast stop ends sessions in every phase, not only while relaying.
     vars.status = tokio::select! {
         status = run(&ctx, &shared, &listen, client, &mut vars) => status,
@@ -93,7 +92,7 @@ async fn run(
     let Some((upstream, peer)) = connect(ctx, vars).await else {
         return STATUS_BAD_GATEWAY;
     };
-    let status = proxy_session(ctx, shared, &client, &upstream, vars, &early).await;
+    let status = proxy_session(ctx, &client, &upstream, vars, &early).await;
     peer.bytes_sent
         .fetch_add(vars.upstream_bytes_sent, Ordering::Relaxed);
     peer.bytes_received
@@ -191,7 +190,6 @@ async fn connect_one(
 
 async fn proxy_session(
     ctx: &ServerCtx,
-    shared: &Shared,
     client: &TcpStream,
     upstream: &TcpStream,
     vars: &mut Vars,
@@ -228,7 +226,7 @@ async fn proxy_session(
         half_close: proxy.half_close,
         buffer_size: proxy.buffer_size,
     }
-    .run(shared.kill.cancelled())
+    .run()
     .await;
     vars.bytes_received = up_bytes.load(Ordering::Relaxed);
     vars.bytes_sent = down_bytes.load(Ordering::Relaxed);
