@@ -174,7 +174,9 @@ impl Drop for PipeLease {
 /// Copies while reads come back short; `Ok(true)` once one filled the
 /// buffer (bulk data: splice the rest), `Ok(false)` at end of stream.
 async fn copy_small(d: &Direction<'_>, activity: &Activity) -> io::Result<bool> {
-    let mut buf = [0u8; SMALL_READ];
+    // On the heap: a buffer inside the session future would make every move
+    // of that future (spawning it) copy the buffer too.
+    let mut buf = vec![0u8; SMALL_READ];
     loop {
         let n = read_some(d.from, &mut buf).await?;
         if n == 0 {
