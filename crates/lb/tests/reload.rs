@@ -108,11 +108,10 @@ fn run_in_thread(path: std::path::PathBuf) -> std::thread::JoinHandle<Result<u8,
 async fn heavy_signals_hup_reloads_quit_drains_term_stops() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let port = free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let path = dir.path().join("lb.conf");
     let pid_file = dir.path().join("lb.pid");
-    let write = |backend: std::net::SocketAddr| {
+    let write = |backend: std::net::SocketAddr, port: u16| {
         let text = format!(
             "pid {};\nworker_processes 2;\nstream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {backend}; }} }}\n",
             pid_file.display()
@@ -121,7 +120,7 @@ async fn heavy_signals_hup_reloads_quit_drains_term_stops() {
     };
     let me = Pid::this();
 
-    write(a.addr);
+    write(a.addr, addr.port());
     let thread = run_in_thread(path.clone());
     wait_for("pid file", Duration::from_secs(10), || pid_file.exists()).await;
     assert_eq!(
@@ -132,7 +131,7 @@ async fn heavy_signals_hup_reloads_quit_drains_term_stops() {
     let mut session = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_line(&mut session).await.unwrap(), "a");
 
-    write(b.addr);
+    write(b.addr, addr.port());
     kill(me, Signal::SIGHUP).unwrap();
     for _ in 0..100 {
         if greeting(addr).await.unwrap() == "b" {
@@ -161,7 +160,10 @@ async fn heavy_signals_hup_reloads_quit_drains_term_stops() {
     assert_eq!(thread.join().unwrap().unwrap(), 0);
     assert!(!pid_file.exists(), "pid file left behind");
 
-    // SIGTERM: open sessions are closed, the process exits promptly.
+    // SIGTERM: open sessions are closed, the process exits promptly. A new
+    // port: the old one may have gone to some socket's ephemeral end meanwhile.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    write(b.addr, addr.port());
     let thread = run_in_thread(path.clone());
     wait_for("pid file", Duration::from_secs(10), || pid_file.exists()).await;
     let mut session = TcpStream::connect(addr).await.unwrap();
