@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::blkio::BlkioTune;
 use crate::console::PROTOCOL;
+use crate::devices::DiskThrottle;
 use crate::domain::State as DomainState;
 use crate::error::ManagerError;
 use crate::manager::{Manager, StateInfo};
@@ -146,6 +148,19 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/domains/{name}/vcpupin", get(vcpupin).put(set_vcpupin))
         .route("/v1/domains/{name}/console", post(console))
         .route("/v1/domains/{name}/sizing", put(set_sizing))
+        .route(
+            "/v1/domains/{name}/blkiotune",
+            get(blkiotune).put(set_blkiotune),
+        )
+        .route(
+            "/v1/domains/{name}/disks/{disk}/iotune",
+            get(blkdeviotune).put(set_blkdeviotune),
+        )
+        .route("/v1/domains/{name}/blockstats", get(domblkstat))
+        .route(
+            "/v1/domains/{name}/interfaces/{interface}/stats",
+            get(domifstat),
+        )
         .route(
             "/v1/domains/{name}/snapshots",
             get(snapshots).post(snapshot_create),
@@ -387,6 +402,62 @@ async fn snapshot_delete(
 ) -> ApiResult {
     m.snapshot_delete(&name, &snapshot).await?;
     ok(json!({}))
+}
+
+async fn blkiotune(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.blkiotune(&name, None, Modify::default())?)
+}
+
+async fn set_blkiotune(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
+    let change: BlkioTune = body(&bytes)?;
+    ok(m.blkiotune(&name, Some(&change), modify(&q)?)?)
+}
+
+async fn blkdeviotune(
+    State(m): State<Manager>,
+    Path((name, disk)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    ok(m.blkdeviotune(&name, &disk, None, modify(&q)?).await?)
+}
+
+async fn set_blkdeviotune(
+    State(m): State<Manager>,
+    Path((name, disk)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    bytes: Bytes,
+) -> ApiResult {
+    let change: DiskThrottle = body(&bytes)?;
+    ok(m.blkdeviotune(&name, &disk, Some(&change), modify(&q)?)
+        .await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskQuery {
+    #[serde(default)]
+    disk: Option<String>,
+}
+
+async fn domblkstat(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<DiskQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let query = query.map_err(|e| ApiError::bad_request(e.body_text(), Some("disk")))?;
+    ok(m.domblkstat(&name, query.disk.as_deref()).await?)
+}
+
+async fn domifstat(
+    State(m): State<Manager>,
+    Path((name, interface)): Path<(String, String)>,
+) -> ApiResult {
+    ok(m.domifstat(&name, &interface).await?)
 }
 
 async fn set_sizing(

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
 use crate::api::ErrorBody;
+use crate::blkio::{BlkioTune, BlockStats, InterfaceStats};
+use crate::devices::DiskThrottle;
 use crate::manager::{DomainInfo, DomainSummary, StateInfo};
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::snapshot::SnapshotInfo;
@@ -305,6 +307,58 @@ impl Client {
         modify: Modify,
     ) -> Result<SchedInfo, ClientError> {
         self.tune(name, "schedinfo", change, modify).await
+    }
+
+    pub async fn blkiotune(
+        &self,
+        name: &str,
+        change: Option<&BlkioTune>,
+        modify: Modify,
+    ) -> Result<BlkioTune, ClientError> {
+        self.tune(name, "blkiotune", change, modify).await
+    }
+
+    /// Reads (`change` None) or changes one disk's rate limits.
+    pub async fn blkdeviotune(
+        &self,
+        name: &str,
+        disk: &str,
+        change: Option<&DiskThrottle>,
+        modify: Modify,
+    ) -> Result<DiskThrottle, ClientError> {
+        self.tune(name, &format!("disks/{}/iotune", seg(disk)), change, modify)
+            .await
+    }
+
+    pub async fn domblkstat(
+        &self,
+        name: &str,
+        disk: Option<&str>,
+    ) -> Result<Vec<BlockStats>, ClientError> {
+        let query = disk.map_or(String::new(), |d| format!("?disk={}", seg(d)));
+        self.call(
+            Method::GET,
+            &format!("/v1/domains/{}/blockstats{query}", seg(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn domifstat(
+        &self,
+        name: &str,
+        interface: &str,
+    ) -> Result<InterfaceStats, ClientError> {
+        self.call(
+            Method::GET,
+            &format!(
+                "/v1/domains/{}/interfaces/{}/stats",
+                seg(name),
+                seg(interface)
+            ),
+            None,
+        )
+        .await
     }
 
     /// setvcpus, setmem, setmaxmem.

@@ -128,6 +128,9 @@ pub struct Resources {
     pub memory_swap: Option<SwapSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_limit: Option<u64>,
+    /// Block I/O weight (`--blkio-weight`, blkiotune weight; 10..1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blkio_weight: Option<u64>,
     /// Host block device throttles, Docker's syntax ("/dev/sda:1mb").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_read_bps: Vec<String>,
@@ -384,6 +387,14 @@ impl DomainDef {
         if let Some(swap) = r.memory_swap {
             host::cgroup::memory_plus_swap(r.memory_limit.map(|l| l.0), swap.0)
                 .map_err(|e| self.invalid("resources.memory_swap", e.to_string()))?;
+        }
+        if let Some(weight) = r.blkio_weight {
+            if !(10..=1000).contains(&weight) {
+                return Err(self.invalid(
+                    "resources.blkio_weight",
+                    format!("{weight}: must be 10..1000"),
+                ));
+            }
         }
         if let Some(sched) = &r.vcpu_sched {
             parse_vcpu_sched(sched).map_err(|e| self.invalid("resources.vcpu_sched", e))?;

@@ -3,6 +3,7 @@
 //! a unix socket. See docs/manager.md.
 
 pub mod api;
+pub mod blkio;
 pub mod client;
 pub mod config;
 pub mod console;

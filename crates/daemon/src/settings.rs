@@ -100,7 +100,7 @@ impl Manager {
         Ok(sizing)
     }
 
-    fn targets(
+    pub(crate) fn targets(
         &self,
         name: &str,
         modify: Modify,
@@ -135,7 +135,7 @@ impl Manager {
     }
 
     /// Applies `change` to the live domain and/or its definition.
-    fn tune(
+    pub(crate) fn tune(
         &self,
         name: &str,
         modify: Modify,

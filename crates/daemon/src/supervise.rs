@@ -129,6 +129,9 @@ pub(crate) async fn launch(
             return Err(e);
         }
     };
+    // Taken now: once a quick guest's VMM is reaped, the child has no id.
+    let pid = child.id().unwrap_or_default();
+    let start_ticks = process_start_ticks(pid).unwrap_or_default();
     let console_log = paths.console_log(name);
     remove_if_exists(&console_log);
     let settled = async {
@@ -139,10 +142,9 @@ pub(crate) async fn launch(
     };
     match settled.await {
         Ok((console, vcpu_tids)) => {
-            let pid = child.id().unwrap_or_default();
             let record = Record {
                 pid,
-                start_ticks: process_start_ticks(pid).unwrap_or_default(),
+                start_ticks,
                 def: def.clone(),
                 persistent,
                 vcpu_tids,
@@ -322,17 +324,14 @@ async fn settle(
         domain: name.to_owned(),
         detail,
     };
-    let tune_err = |source| ManagerError::Tune {
-        domain: name.to_owned(),
-        source,
-    };
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(failed(format!(
-                "the VMM exited ({status}): {}",
-                log_tail(vmm_log)
-            )));
+            return match vmm_error(vmm_log) {
+                Some(message) => Err(failed(format!("the VMM exited ({status}): {message}"))),
+                // The guest ran and ended already; the supervisor records it.
+                None => Ok(Vec::new()),
+            };
         }
         if vmm_client::query_status(api).await.is_ok() {
             break;
@@ -345,6 +344,27 @@ async fn settle(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    match place_vcpus(def, cgroup, api).await {
+        Ok(tids) => Ok(tids),
+        // A guest that finished while we placed its threads is no failure.
+        Err(_) if matches!(child.try_wait(), Ok(Some(_))) && vmm_error(vmm_log).is_none() => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves each vCPU thread into its group and applies per-vCPU settings.
+async fn place_vcpus(
+    def: &DomainDef,
+    cgroup: Option<&DomainCgroup>,
+    api: &Path,
+) -> Result<Vec<u32>, ManagerError> {
+    let name = def.name.as_str();
+    let tune_err = |source| ManagerError::Tune {
+        domain: name.to_owned(),
+        source,
+    };
     let tids = vmm_client::vcpu_threads(api)
         .await
         .map_err(|source| ManagerError::Vmm {
@@ -358,6 +378,7 @@ async fn settle(
         }
         tune::apply_vcpus(cg, def).map_err(tune_err)?;
     }
+    tune::apply_vcpu_sched(cgroup, def, &tids).map_err(tune_err)?;
     Ok(tids)
 }
 

@@ -70,6 +70,14 @@ pub fn apply_domain(cg: &DomainCgroup, r: &Resources) -> Result<(), TuneError> {
     if let Some(pids) = r.pids_limit {
         cg.set_pids_limit(Some(pids))?;
     }
+    apply_blkio_live(cg, r)
+}
+
+/// Applies the block I/O weight and host-device throttles of `r`.
+pub fn apply_blkio_live(cg: &DomainCgroup, r: &Resources) -> Result<(), TuneError> {
+    if let Some(weight) = r.blkio_weight {
+        cg.set_blkio_weight(weight)?;
+    }
     apply_throttles(cg, r)
 }
 
@@ -125,6 +133,54 @@ pub fn apply_vcpus(cg: &DomainCgroup, def: &DomainDef) -> Result<(), TuneError> 
             reason: "not a vCPU number".into(),
         })?;
         cg.set_cpuset_cpus(Scope::Vcpu(vcpu), &cpu_list("resources.vcpupin", list)?)?;
+    }
+    Ok(())
+}
+
+/// The real-time budget (µs per second) a domain's vCPUs share where the
+/// kernel schedules real-time tasks per cgroup.
+pub const REALTIME_BUDGET_US: u64 = 500_000;
+
+/// Makes the vCPU threads real-time as `vcpu_sched` says (libvirt's
+/// vcpusched, `--cap-add sys_nice`).
+pub fn apply_vcpu_sched(
+    cg: Option<&DomainCgroup>,
+    def: &DomainDef,
+    vcpu_tids: &[u32],
+) -> Result<(), TuneError> {
+    let Some(text) = &def.resources.vcpu_sched else {
+        return Ok(());
+    };
+    let (policy, priority) =
+        crate::config::parse_vcpu_sched(text).map_err(|reason| TuneError::Invalid {
+            field: "resources.vcpu_sched",
+            value: text.clone(),
+            reason,
+        })?;
+    if let Some(cg) = cg {
+        cg.grant_realtime(REALTIME_BUDGET_US)?;
+    }
+    let policy = match policy {
+        crate::config::RtPolicy::Fifo => libc::SCHED_FIFO,
+        crate::config::RtPolicy::RoundRobin => libc::SCHED_RR,
+    };
+    for &tid in vcpu_tids {
+        let param = libc::sched_param {
+            sched_priority: i32::from(priority),
+        };
+        // SAFETY: sched_setscheduler reads the sched_param we pass, which
+        // lives across the call; `tid` names a thread of our VMM.
+        let rc = unsafe { libc::sched_setscheduler(tid as libc::pid_t, policy, &param) };
+        if rc != 0 {
+            return Err(TuneError::Invalid {
+                field: "resources.vcpu_sched",
+                value: text.clone(),
+                reason: format!(
+                    "vCPU thread {tid}: sched_setscheduler: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
     }
     Ok(())
 }

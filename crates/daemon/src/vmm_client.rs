@@ -41,7 +41,16 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends `command` and returns its `return` value.
 pub async fn execute(socket: &Path, command: &str) -> Result<Value, VmmClientError> {
-    match tokio::time::timeout(TIMEOUT, exchange(socket, command)).await {
+    execute_with(socket, command, None).await
+}
+
+/// Sends `command` with `arguments` and returns its `return` value.
+pub async fn execute_with(
+    socket: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, VmmClientError> {
+    match tokio::time::timeout(TIMEOUT, exchange(socket, command, arguments)).await {
         Ok(result) => result,
         Err(_) => Err(VmmClientError::Timeout {
             path: socket.to_owned(),
@@ -51,7 +60,11 @@ pub async fn execute(socket: &Path, command: &str) -> Result<Value, VmmClientErr
     }
 }
 
-async fn exchange(socket: &Path, command: &str) -> Result<Value, VmmClientError> {
+async fn exchange(
+    socket: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, VmmClientError> {
     let io = |source| VmmClientError::Io {
         path: socket.to_owned(),
         source,
@@ -59,7 +72,11 @@ async fn exchange(socket: &Path, command: &str) -> Result<Value, VmmClientError>
     let stream = UnixStream::connect(socket).await.map_err(io)?;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
-    let request = json!({"execute": command, "id": 1}).to_string() + "\n";
+    let mut request = json!({"execute": command, "id": 1});
+    if let Some(arguments) = arguments {
+        request["arguments"] = arguments;
+    }
+    let request = request.to_string() + "\n";
     write.write_all(request.as_bytes()).await.map_err(io)?;
     let protocol = |reply: &str| VmmClientError::Protocol {
         path: socket.to_owned(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use daemon::config::{write_atomic, DomainDef};
 use daemon::manager::{Manager, ManagerOptions};
 use daemon::paths::Paths;
+use daemon::settings::{Modify, Sizing};
 use daemon::ManagerError;
 
 fn kernel(dir: &Path) -> PathBuf {
@@ -236,4 +237,111 @@ async fn verbs_on_inactive_or_unknown_domains_fail_clearly() {
     assert!(err.to_string().contains("/nonexistent/oxvirt"), "{err}");
     assert_eq!(m.state("a").unwrap().state, daemon::domain::State::ShutOff);
     assert!(files(&Paths::under(dir.path()).running_dir()).is_empty());
+}
+
+#[test]
+fn device_sections_are_checked_and_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = kernel(dir.path());
+    let img = dir.path().join("disk.qcow2");
+    std::fs::write(&img, b"").unwrap();
+    let text = format!(
+        "{}rng = true\n[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\nthrottle = {{ read_bps = 1048576 }}\n[[nic]]\nmac = \"52:54:00:aa:bb:cc\"\n",
+        toml("a", &k),
+        img.display()
+    );
+    let def = DomainDef::parse(&text, "a.toml").unwrap();
+    def.validate().unwrap();
+    assert_eq!(def.disks[0].throttle.read_bps, Some(1 << 20));
+    assert_eq!(
+        DomainDef::parse(&def.to_toml().unwrap(), "again").unwrap(),
+        def
+    );
+    let check = |extra: &str, field: &str, line: Option<usize>| {
+        let text = format!("{}{extra}", toml("a", &k));
+        match DomainDef::parse(&text, "a.toml") {
+            Ok(def) => {
+                let err = def.validate().unwrap_err();
+                assert_eq!(err.field(), Some(field), "{extra}: {err}");
+            }
+            Err(err) => {
+                let line = line.expect("a parse error");
+                assert!(err.to_string().contains(&format!("line {line}")), "{err}");
+            }
+        }
+    };
+    check("[[disk]]\npath = \"/no/such.img\"\n", "disk.path", None);
+    check(
+        &format!(
+            "[[disk]]\npath = \"{}\"\ncache = \"sometimes\"\n",
+            img.display()
+        ),
+        "disk.cache",
+        None,
+    );
+    check(
+        &format!("[[disk]]\npath = \"{}\"\nserial = \"a,b\"\n", img.display()),
+        "disk.serial",
+        None,
+    );
+    check("[[disk]]\npath = \"/tmp\"\nsize = 5\n", "", Some(7));
+    check("[[nic]]\nmac = \"01:00:5e:00:00:01\"\n", "nic.mac", None);
+    check("[[nic]]\nnetwork = \"elsewhere\"\n", "nic.network", None);
+    check("max_memory = \"32m\"\n", "max_memory", None);
+    check(
+        "[resources]\nvcpu_sched = \"idle\"\n",
+        "resources.vcpu_sched",
+        None,
+    );
+    check(
+        "[resources]\ndevice_read_bps = [\"vda:1mb\"]\n",
+        "resources.device_read_bps",
+        None,
+    );
+}
+
+#[tokio::test]
+async fn setvcpus_setmem_setmaxmem_change_the_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path()).await;
+    let k = kernel(dir.path());
+    let text = format!("{}[resources.vcpupin]\n1 = \"0\"\n", toml("a", &k));
+    m.define(&text, "a.toml").await.unwrap();
+    let config = Modify {
+        live: false,
+        config: true,
+    };
+    let set = |vcpus, memory, max_memory| Sizing {
+        vcpus,
+        memory,
+        max_memory,
+    };
+    let s = m
+        .set_sizing("a", &set(None, None, Some(256 << 20)), config)
+        .unwrap();
+    assert_eq!(s, set(Some(2), Some(64 << 20), Some(256 << 20)));
+    m.set_sizing("a", &set(None, Some(128 << 20), None), config)
+        .unwrap();
+    // Above the maximum, or unpinning by shrinking: refused, nothing changes.
+    let before = std::fs::read_to_string(dir.path().join("state/domains/a.toml")).unwrap();
+    let err = m
+        .set_sizing("a", &set(None, Some(512 << 20), None), config)
+        .unwrap_err();
+    assert_eq!(err.field(), Some("max_memory"), "{err}");
+    let err = m
+        .set_sizing("a", &set(Some(1), None, None), config)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("vCPU 1 has a vcpupin entry"),
+        "{err}"
+    );
+    let after = std::fs::read_to_string(dir.path().join("state/domains/a.toml")).unwrap();
+    assert_eq!(before, after);
+    // The maximum pulls the memory down with it, as in virsh.
+    let s = m
+        .set_sizing("a", &set(Some(4), None, Some(96 << 20)), config)
+        .unwrap();
+    assert_eq!(s, set(Some(4), Some(96 << 20), Some(96 << 20)));
+    let def = DomainDef::load(&dir.path().join("state/domains/a.toml")).unwrap();
+    assert_eq!((def.vcpus, def.memory.0), (4, 96 << 20));
 }

@@ -269,3 +269,58 @@ fn heavy_cpu_shares_split_one_cpu_like_the_seed() {
         );
     }
 }
+
+/// Field `n` (1-based, as proc(5) numbers them) of a thread's stat line.
+fn stat_field(pid: u32, tid: u32, n: usize) -> i64 {
+    let stat = read(std::path::Path::new(&format!(
+        "/proc/{pid}/task/{tid}/stat"
+    )));
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(n - 3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn heavy_cap_add_sys_nice_makes_vcpu_threads_real_time() {
+    if !prerequisites() {
+        return;
+    }
+    let d = Daemon::start();
+    let err = d.fails(&["run", "--kernel", &probe(), "--cap-add", "net_admin"]);
+    assert!(
+        err.contains("--cap-add") && err.contains("sys_nice"),
+        "{err}"
+    );
+    d.ok(&[
+        "run",
+        "--name",
+        "rt",
+        "--kernel",
+        &probe(),
+        "--cmdline",
+        "probe=mem probe.mib=8 probe.dirty_mib_s=4",
+        "--vcpus",
+        "2",
+        "--cap-add",
+        "sys_nice",
+    ]);
+    let info = d.info("rt");
+    let pid = info.pid.unwrap();
+    // proc(5): field 40 is rt_priority, 41 the policy (1 = SCHED_FIFO).
+    for tid in &info.vcpu_tids {
+        assert_eq!(stat_field(pid, *tid, 41), 1, "vCPU thread {tid} policy");
+        assert_eq!(stat_field(pid, *tid, 40), 1, "vCPU thread {tid} priority");
+    }
+    assert_eq!(
+        stat_field(pid, pid, 41),
+        0,
+        "the VMM's main thread stays normal"
+    );
+    assert!(d
+        .ok(&["dumpconfig", "rt"])
+        .contains("vcpu_sched = \"fifo:1\""));
+    let rt = d.cgroup_dir("cpu", "rt", "vcpu0").join("cpu.rt_runtime_us");
+    if rt.exists() {
+        assert_eq!(read(&rt), "250000");
+    }
+    d.ok(&["destroy", "rt"]);
+}

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use daemon::blkio::BlkioTune;
 use daemon::client::{block_on, Client};
+use daemon::devices::DiskThrottle;
 use daemon::paths::{socket_for_uri, Mode, Paths};
 use daemon::run_spec::RunSpec;
 use daemon::settings::{Modify, Sizing, VcpuPin};
@@ -211,6 +213,66 @@ pub struct SetmemArgs {
 }
 
 #[derive(clap::Args)]
+pub struct BlkdeviotuneArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// The disk: vda, vdb, ... or its path.
+    disk: String,
+    /// Bytes/s each way (0 lifts the limit).
+    #[arg(long)]
+    total_bytes_sec: Option<u64>,
+    #[arg(long)]
+    read_bytes_sec: Option<u64>,
+    #[arg(long)]
+    write_bytes_sec: Option<u64>,
+    /// Operations/s each way.
+    #[arg(long)]
+    total_iops_sec: Option<u64>,
+    #[arg(long)]
+    read_iops_sec: Option<u64>,
+    #[arg(long)]
+    write_iops_sec: Option<u64>,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct BlkiotuneArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Block I/O weight, 10..1000.
+    #[arg(long)]
+    weight: Option<u64>,
+    /// A host block device's limit: /dev/sda,N (0 lifts it); repeatable.
+    #[arg(long, value_name = "DEVICE,N")]
+    device_read_bytes_sec: Vec<String>,
+    #[arg(long, value_name = "DEVICE,N")]
+    device_write_bytes_sec: Vec<String>,
+    #[arg(long, value_name = "DEVICE,N")]
+    device_read_iops_sec: Vec<String>,
+    #[arg(long, value_name = "DEVICE,N")]
+    device_write_iops_sec: Vec<String>,
+    #[command(flatten)]
+    modify: ModifyArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DomblkstatArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// One disk (vda or its path); all without it.
+    disk: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct DomifstatArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// The interface: its tap (oxvnet0), MAC or net0.
+    interface: String,
+}
+
+#[derive(clap::Args)]
 pub struct RunArgs {
     #[command(flatten)]
     connect: Connect,
@@ -311,6 +373,14 @@ pub enum Verb {
     Memtune(MemtuneArgs),
     /// Show or set the host CPUs of a vCPU.
     Vcpupin(VcpupinArgs),
+    /// Show or set a guest disk's rate limits.
+    Blkdeviotune(BlkdeviotuneArgs),
+    /// Show or set the block I/O weight and host-device throttles.
+    Blkiotune(BlkiotuneArgs),
+    /// Show disk I/O counters.
+    Domblkstat(DomblkstatArgs),
+    /// Show a NIC's counters.
+    Domifstat(DomifstatArgs),
     /// Take an internal snapshot of every disk of a shut-off domain.
     #[command(name = "snapshot-create-as")]
     SnapshotCreateAs(SnapshotCreateArgs),
@@ -401,6 +471,16 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Memtune(a) => memtune(a)?,
         Verb::Vcpupin(a) => vcpupin(a)?,
         Verb::Run(a) => run_domain(*a)?,
+        Verb::Blkdeviotune(a) => blkdeviotune(a)?,
+        Verb::Blkiotune(a) => blkiotune(a)?,
+        Verb::Domblkstat(a) => {
+            let c = a.dom.connect.client()?;
+            print::domblkstat(&wait(c.domblkstat(&a.dom.domain, a.disk.as_deref()))?);
+        }
+        Verb::Domifstat(a) => {
+            let c = a.dom.connect.client()?;
+            print::domifstat(&wait(c.domifstat(&a.dom.domain, &a.interface))?);
+        }
         Verb::SnapshotCreateAs(a) => {
             let c = a.dom.connect.client()?;
             let s = wait(c.snapshot_create(&a.dom.domain, &a.name, a.description.as_deref()))?;
@@ -503,6 +583,57 @@ fn parse_schedinfo(set: &[String]) -> anyhow::Result<SchedInfo> {
         }
     }
     Ok(info)
+}
+
+fn blkdeviotune(a: BlkdeviotuneArgs) -> anyhow::Result<()> {
+    let change = DiskThrottle {
+        total_bps: a.total_bytes_sec,
+        read_bps: a.read_bytes_sec,
+        write_bps: a.write_bytes_sec,
+        total_iops: a.total_iops_sec,
+        read_iops: a.read_iops_sec,
+        write_iops: a.write_iops_sec,
+    };
+    let given = change != DiskThrottle::default();
+    let c = a.dom.connect.client()?;
+    let t = wait(c.blkdeviotune(
+        &a.dom.domain,
+        &a.disk,
+        given.then_some(&change),
+        a.modify.modify(),
+    ))?;
+    print::blkdeviotune(&t);
+    Ok(())
+}
+
+/// virsh's `DEVICE,N` as Docker's `DEVICE:N`.
+fn device_limits(flag: &str, values: &[String]) -> anyhow::Result<Vec<String>> {
+    values
+        .iter()
+        .map(|v| {
+            let (device, rate) = v
+                .rsplit_once(',')
+                .with_context(|| format!("--{flag} {v:?}: expected DEVICE,N"))?;
+            rate.parse::<u64>()
+                .with_context(|| format!("--{flag} {v:?}: {rate:?} is not a number"))?;
+            Ok(format!("{device}:{rate}"))
+        })
+        .collect()
+}
+
+fn blkiotune(a: BlkiotuneArgs) -> anyhow::Result<()> {
+    let change = BlkioTune {
+        weight: a.weight,
+        device_read_bps: device_limits("device-read-bytes-sec", &a.device_read_bytes_sec)?,
+        device_write_bps: device_limits("device-write-bytes-sec", &a.device_write_bytes_sec)?,
+        device_read_iops: device_limits("device-read-iops-sec", &a.device_read_iops_sec)?,
+        device_write_iops: device_limits("device-write-iops-sec", &a.device_write_iops_sec)?,
+    };
+    let c = a.dom.connect.client()?;
+    let given = change != BlkioTune::default();
+    let t = wait(c.blkiotune(&a.dom.domain, given.then_some(&change), a.modify.modify()))?;
+    print::blkiotune(&t);
+    Ok(())
 }
 
 fn sizing(d: &Dom, change: Sizing, modify: ModifyArgs) -> anyhow::Result<()> {

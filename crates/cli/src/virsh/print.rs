@@ -1,5 +1,7 @@
 //! virsh-shaped output.
 
+use daemon::blkio::{BlkioTune, BlockStats, InterfaceStats};
+use daemon::devices::DiskThrottle;
 use daemon::manager::{DomainInfo, DomainSummary};
 use daemon::settings::{Sizing, VcpuPin};
 use daemon::snapshot::SnapshotInfo;
@@ -135,4 +137,82 @@ fn utc(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+pub fn blkdeviotune(t: &DiskThrottle) {
+    let v = |x: Option<u64>| x.unwrap_or(0);
+    println!("{:<15}: {}", "total_bytes_sec", v(t.total_bps));
+    println!("{:<15}: {}", "read_bytes_sec", v(t.read_bps));
+    println!("{:<15}: {}", "write_bytes_sec", v(t.write_bps));
+    println!("{:<15}: {}", "total_iops_sec", v(t.total_iops));
+    println!("{:<15}: {}", "read_iops_sec", v(t.read_iops));
+    println!("{:<15}: {}", "write_iops_sec", v(t.write_iops));
+}
+
+/// virsh's `DEVICE,N,DEVICE,N` lists.
+fn device_list(list: &[String]) -> String {
+    list.iter()
+        .map(|e| {
+            e.rsplit_once(':')
+                .map_or(e.clone(), |(d, n)| format!("{d},{n}"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn blkiotune(t: &BlkioTune) {
+    println!("{:<22}: {}", "weight", opt(t.weight));
+    println!(
+        "{:<22}: {}",
+        "device_read_bytes_sec",
+        device_list(&t.device_read_bps)
+    );
+    println!(
+        "{:<22}: {}",
+        "device_write_bytes_sec",
+        device_list(&t.device_write_bps)
+    );
+    println!(
+        "{:<22}: {}",
+        "device_read_iops_sec",
+        device_list(&t.device_read_iops)
+    );
+    println!(
+        "{:<22}: {}",
+        "device_write_iops_sec",
+        device_list(&t.device_write_iops)
+    );
+}
+
+pub fn domblkstat(stats: &[BlockStats]) {
+    for s in stats {
+        for (key, value) in [
+            ("rd_req", s.rd_req),
+            ("rd_bytes", s.rd_bytes),
+            ("wr_req", s.wr_req),
+            ("wr_bytes", s.wr_bytes),
+            ("flush_operations", s.flush_operations),
+            ("rd_total_times", s.rd_total_times),
+            ("wr_total_times", s.wr_total_times),
+            ("flush_total_times", s.flush_total_times),
+            ("errs", s.errs),
+        ] {
+            println!("{} {key} {value}", s.disk);
+        }
+    }
+}
+
+pub fn domifstat(s: &InterfaceStats) {
+    for (key, value) in [
+        ("rx_bytes", s.rx_bytes),
+        ("rx_packets", s.rx_packets),
+        ("rx_errs", s.rx_errs),
+        ("rx_drop", s.rx_drop),
+        ("tx_bytes", s.tx_bytes),
+        ("tx_packets", s.tx_packets),
+        ("tx_errs", s.tx_errs),
+        ("tx_drop", s.tx_drop),
+    ] {
+        println!("{} {key} {value}", s.interface);
+    }
 }

@@ -101,9 +101,11 @@ impl Daemon {
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
         let mut command = match &self.netns {
+            // nsenter changes only the network namespace (`ip netns exec`
+            // would also remount /sys and hide the cgroup mounts).
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(oxvirt_bin());
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(oxvirt_bin());
                 c
             }
             None => Command::new(oxvirt_bin()),

@@ -511,6 +511,52 @@ impl DomainCgroup {
         Ok(IoLimits { weight, throttles })
     }
 
+    /// Gives the vCPU groups real-time CPU time (`cpu.rt_runtime_us`, in
+    /// each second) where the kernel schedules real-time tasks per group
+    /// (v1 with CONFIG_RT_GROUP_SCHED): there a thread in a group with no
+    /// real-time budget cannot become real-time. `domain_us` is split
+    /// evenly over the vCPUs; every ancestor below the root is raised to
+    /// what its children then need. Elsewhere this is a no-op.
+    pub fn grant_realtime(&self, domain_us: u64) -> Result<(), CgroupError> {
+        const FILE: &str = "cpu.rt_runtime_us";
+        let group = self.group(Controller::Cpu)?;
+        if group.v2 || !group.dir.join(FILE).exists() {
+            return Ok(());
+        }
+        let per_vcpu = domain_us / u64::from(self.vcpus.max(1));
+        let domain = per_vcpu * u64::from(self.vcpus);
+        // From the domain up to just below the root (whose budget is the
+        // kernel's global one).
+        let chain: Vec<&Path> = group
+            .dir
+            .ancestors()
+            .take_while(|d| d.parent().is_some_and(|p| p.join(FILE).exists()))
+            .collect();
+        let mut needs = Vec::with_capacity(chain.len());
+        let mut need = domain;
+        for (i, dir) in chain.iter().enumerate() {
+            if i > 0 {
+                need = need.max(read_u64(&dir.join(FILE))?);
+                needs.push(need);
+            } else {
+                needs.push(domain);
+            }
+            let siblings = match dir.parent() {
+                Some(parent) => children_runtime(parent, dir, FILE)?,
+                None => 0,
+            };
+            need += siblings;
+        }
+        for (dir, need) in chain.iter().zip(&needs).rev() {
+            write(&dir.join(FILE), &need.to_string())?;
+        }
+        for vcpu in 0..self.vcpus {
+            let dir = self.scope_dir(group, Scope::Vcpu(vcpu))?;
+            write(&dir.join(FILE), &per_vcpu.to_string())?;
+        }
+        Ok(())
+    }
+
     /// CPU time used by the tasks of `scope`, in nanoseconds.
     pub fn cpu_usage_ns(&self, scope: Scope) -> Result<u64, CgroupError> {
         let (group, dir) = self.dir(Controller::Cpuacct, scope)?;
@@ -626,6 +672,22 @@ fn read_io_max(path: &Path) -> Result<Vec<Throttle>, CgroupError> {
         }
     }
     Ok(out)
+}
+
+/// The real-time budget the children of `parent` other than `except` hold.
+fn children_runtime(parent: &Path, except: &Path, file: &str) -> Result<u64, CgroupError> {
+    let entries = std::fs::read_dir(parent).map_err(|source| CgroupError::Read {
+        path: parent.to_owned(),
+        source,
+    })?;
+    let mut sum = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path != except && path.join(file).exists() {
+            sum += read_u64(&path.join(file))?;
+        }
+    }
+    Ok(sum)
 }
 
 #[cfg(test)]
