@@ -335,3 +335,104 @@ impl Drop for NsGuard {
         let _ = self.0.delete();
     }
 }
+
+/// A loop device over a file of the test's, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `MAJ:MIN` as the cgroup files write it.
+    fn number(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&self.0).unwrap().rdev();
+        format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        // Best effort: the device is the test's own.
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn heavy_block_device_disk_limits_reach_the_cgroup_too() {
+    if !prerequisites() {
+        return;
+    }
+    let d = Daemon::start();
+    let backing = image(d.dir.path(), "loop.raw", "raw");
+    let dev = Loop::attach(&backing);
+    define(
+        &d,
+        "blk",
+        // The guest leaves the disk alone: the VMM sizes a block device
+        // as 0 bytes today, so the probe's blk workload cannot run on one.
+        "probe=mem probe.mib=8 probe.dirty_mib_s=4",
+        &disk(
+            Path::new(&dev.0),
+            "format = \"raw\"\nthrottle = { read_bps = 1048576 }\n",
+        ),
+    );
+    d.ok(&["start", "blk"]);
+    let blkio = d.cgroup_dir("blkio", "blk", "");
+    let rule = |file: &str| read(&blkio.join(file));
+    d.ok(&[
+        "blkdeviotune",
+        "blk",
+        &dev.0,
+        "--read-bytes-sec",
+        "2097152",
+        "--write-iops-sec",
+        "300",
+        "--live",
+    ]);
+    assert_eq!(
+        rule("blkio.throttle.read_bps_device"),
+        format!("{} 2097152", dev.number())
+    );
+    assert_eq!(
+        rule("blkio.throttle.write_iops_device"),
+        format!("{} 300", dev.number())
+    );
+    assert_near(shown_limit(&d, "blk", "read_bytes_sec"), 2 << 20);
+    // blkiotune: the same device's cgroup throttle, set and lifted.
+    d.ok(&[
+        "blkiotune",
+        "blk",
+        "--device-write-bytes-sec",
+        &format!("{},65536", dev.0),
+        "--live",
+    ]);
+    assert_eq!(
+        rule("blkio.throttle.write_bps_device"),
+        format!("{} 65536", dev.number())
+    );
+    let shown = d.ok(&["blkiotune", "blk"]);
+    assert!(shown.contains(&format!("{},65536", dev.0)), "{shown}");
+    d.ok(&[
+        "blkiotune",
+        "blk",
+        "--device-write-bytes-sec",
+        &format!("{},0", dev.0),
+        "--live",
+    ]);
+    assert_eq!(rule("blkio.throttle.write_bps_device"), "");
+    let err = d.fails(&["blkiotune", "blk", "--weight", "5", "--live"]);
+    assert!(err.contains("weight") && err.contains("1000"), "{err}");
+    d.ok(&["destroy", "blk"]);
+}
