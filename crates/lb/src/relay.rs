@@ -1,6 +1,7 @@
 //! Moving bytes between the client and the upstream: splice(2) through a pipe
 //! when nothing needs to see the data, a buffered copy when a rate limit applies.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -171,14 +172,44 @@ impl Drop for PipeLease {
     }
 }
 
+thread_local! {
+    /// Small-read buffers kept for the next sessions on this thread: 4 KiB
+    /// misses malloc's per-thread cache, and every session needs two.
+    static SMALL_BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+const SMALL_BUFS_KEPT: usize = 256;
+
+/// A pooled small-read buffer, on the heap: inside the session future it
+/// would be copied with the future each time the future moves.
+struct SmallBuf(Box<[u8]>);
+
+impl SmallBuf {
+    fn take() -> SmallBuf {
+        let pooled = SMALL_BUFS.with(|pool| pool.borrow_mut().pop());
+        SmallBuf(pooled.unwrap_or_else(|| vec![0u8; SMALL_READ].into_boxed_slice()))
+    }
+}
+
+impl Drop for SmallBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        // try_with: the pool may already be gone while the thread exits.
+        let _ = SMALL_BUFS.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < SMALL_BUFS_KEPT {
+                pool.push(buf);
+            }
+        });
+    }
+}
+
 /// Copies while reads come back short; `Ok(true)` once one filled the
 /// buffer (bulk data: splice the rest), `Ok(false)` at end of stream.
 async fn copy_small(d: &Direction<'_>, activity: &Activity) -> io::Result<bool> {
-    // On the heap: a buffer inside the session future would make every move
-    // of that future (spawning it) copy the buffer too.
-    let mut buf = vec![0u8; SMALL_READ];
+    let mut lease = SmallBuf::take();
+    let buf = &mut lease.0;
     loop {
-        let n = read_some(d.from, &mut buf).await?;
+        let n = read_some(d.from, buf).await?;
         if n == 0 {
             return Ok(false);
         }

@@ -135,11 +135,11 @@ async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, Arc<Pee
         .as_ref()
         .map(|k| k.render(vars))
         .unwrap_or_default();
+    // Peers that failed to connect (no allocation when the first one works).
     let mut tried = Vec::new();
     let started = Instant::now();
     loop {
         let peer = upstream.select(key.as_bytes(), &tried)?;
-        tried.push(peer.id);
         let addr = peer.conf.addr;
         vars.upstream_addr.push(addr);
         let attempt = Instant::now();
@@ -151,6 +151,7 @@ async fn connect(ctx: &ServerCtx, vars: &mut Vars) -> Option<(TcpStream, Arc<Pee
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, peer = %addr, client = %vars.remote, "connect failed: {e}");
                 upstream.release(&peer, true);
+                tried.push(peer.id);
             }
         }
         let out_of_tries =
