@@ -48,8 +48,22 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("oxvirt: {err:#}");
+            eprintln!("oxvirt: {}", describe(&err));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line; a cause whose text the message
+/// already holds (most of ours say "{path}: {source}") is not repeated.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use vmm::config::{Settings, SizeSetting};
+use vmm::device_config::DeviceSetting;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +32,21 @@ pub struct Args {
     /// CPUID profile: host (default) or pvm-compat.
     #[arg(long, value_name = "host|pvm-compat")]
     cpu_profile: Option<String>,
+    /// A virtio disk (repeatable): path=FILE[,format=raw|qcow2][,readonly=on]
+    /// [,cache=none|writeback|writethrough|unsafe][,serial=ID][,id=NAME]
+    /// [,bps=N][,iops=N][,read_bps=N][,write_bps=N][,read_iops=N][,write_iops=N][,burst=N]
+    #[arg(long, value_name = "path=FILE,...")]
+    disk: Vec<String>,
+    /// A virtio NIC over a tap (repeatable): tap=NAME[,mac=MAC][,id=NAME][,bps=N][,pps=N]
+    #[arg(long, value_name = "tap=NAME,...")]
+    net: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Wait for a migration stream instead of booting: tcp:HOST:PORT,
+    /// unix:PATH, exec:COMMAND, fd:N or file:PATH (same devices as the source).
+    #[arg(long, value_name = "URI")]
+    incoming: Option<String>,
     /// The same settings in a TOML file (or JSON, for a .json name); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -50,8 +66,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         serial: args.serial,
         api: args.api,
         cpu_profile: args.cpu_profile,
+        disk: given(args.disk),
+        net: given(args.net),
+        rng: args.rng.then_some(true),
+        incoming: args.incoming,
     };
     let config = from_file.overridden_by(flags).into_config()?;
     let exit = vmm::run(&config).context("vmm")?;
     Ok(exit.status())
+}
+
+/// Repeated flags as a setting: none given leaves the config file's.
+fn given(values: Vec<String>) -> Option<Vec<DeviceSetting>> {
+    (!values.is_empty()).then(|| values.into_iter().map(DeviceSetting::Text).collect())
 }

@@ -21,6 +21,20 @@ pub enum Error {
     ZeroRefillTime { what: &'static str },
 }
 
+/// A refill window near [`PER_SECOND_REFILL_MS`] in which `rate` tokens
+/// per second are a whole number, so the bucket's rate is exactly `rate`
+/// (125 ms for the power-of-two rates users write as 1M).
+fn exact_window(rate: u64, burst: u64) -> Option<BucketConfig> {
+    std::iter::once(PER_SECOND_REFILL_MS)
+        .chain(PER_SECOND_REFILL_MS / 2..=PER_SECOND_REFILL_MS * 2)
+        .find(|ms| rate.checked_mul(*ms).is_some_and(|t| t % 1000 == 0))
+        .map(|ms| BucketConfig {
+            size: rate * ms / 1000,
+            one_time_burst: burst,
+            refill_time_ms: ms,
+        })
+}
+
 /// The refill window [`BucketConfig::per_second`] uses: short, so that a
 /// limit holds from the first second on (a bucket starts full).
 const PER_SECOND_REFILL_MS: u64 = 100;
@@ -40,8 +54,9 @@ impl BucketConfig {
     /// `rate` tokens per second with a one-time `burst` on top: what
     /// `docker run --device-write-bps` or `--disk write_bps=` mean. The
     /// bucket holds about 100 ms worth (at least one token), so that a limit
-    /// holds from the first second on; the refill time is rounded to the
-    /// millisecond (an error below 0.4 % for any rate). A zero rate gives an
+    /// holds from the first second on. The rate is exact where a window of
+    /// 50 to 200 ms holds a whole number of tokens; otherwise the refill
+    /// time is rounded to the millisecond (an error below 0.4 %). A zero rate gives an
     /// invalid (zero-size) bucket that the limiter refuses.
     pub fn per_second(rate: u64, burst: u64) -> Self {
         if rate == 0 {
@@ -50,6 +65,9 @@ impl BucketConfig {
                 one_time_burst: burst,
                 refill_time_ms: PER_SECOND_REFILL_MS,
             };
+        }
+        if let Some(exact) = exact_window(rate, burst) {
+            return exact;
         }
         let size = rate.div_ceil(1000 / PER_SECOND_REFILL_MS);
         let refill_time_ms =
@@ -415,8 +433,10 @@ mod tests {
         let c = BucketConfig::per_second(1 << 20, 4096);
         assert_eq!(
             (c.size, c.refill_time_ms, c.one_time_burst),
-            (104_858, 100, 4096)
+            (131_072, 125, 4096)
         );
+        assert_eq!(c.rate_per_second(), 1 << 20);
+        assert_eq!(BucketConfig::per_second(200, 0).rate_per_second(), 200);
         for rate in [1u64, 5, 7, 15, 99, 1000, 12_345, 1 << 20, 10 << 30] {
             let c = BucketConfig::per_second(rate, 0);
             let actual = c.size as f64 * 1000.0 / c.refill_time_ms as f64;
@@ -430,7 +450,7 @@ mod tests {
     #[test]
     fn limiter_config_from_rates() {
         let c = LimiterConfig::per_second(Some(1 << 20), None, 4096);
-        assert_eq!(c.bandwidth.map(|b| b.size), Some(104_858));
+        assert_eq!(c.bandwidth.map(|b| b.size), Some(131_072));
         assert_eq!(c.bandwidth.map(|b| b.one_time_burst), Some(4096));
         assert!(c.ops.is_none() && !c.is_unlimited());
         let c = LimiterConfig::per_second(None, Some(100), 0);

@@ -31,6 +31,19 @@ pub enum Command {
     SystemReset,
     Quit,
     QueryCpus,
+    QueryBlock,
+    QueryBlockstats,
+    BlockSetIoThrottle,
+    QueryNet,
+    NetSetThrottle,
+    SetLink,
+    Migrate,
+    MigrateCancel,
+    QueryMigrate,
+    MigrateSetCapabilities,
+    QueryMigrateCapabilities,
+    MigrateSetParameters,
+    QueryMigrateParameters,
 }
 
 impl Command {
@@ -42,6 +55,19 @@ impl Command {
             "system_reset" => Command::SystemReset,
             "quit" => Command::Quit,
             "query-cpus" | "query-cpus-fast" => Command::QueryCpus,
+            "query-block" => Command::QueryBlock,
+            "query-blockstats" => Command::QueryBlockstats,
+            "block_set_io_throttle" => Command::BlockSetIoThrottle,
+            "query-net" => Command::QueryNet,
+            "net_set_throttle" => Command::NetSetThrottle,
+            "set_link" => Command::SetLink,
+            "migrate" => Command::Migrate,
+            "migrate_cancel" => Command::MigrateCancel,
+            "query-migrate" => Command::QueryMigrate,
+            "migrate-set-capabilities" => Command::MigrateSetCapabilities,
+            "query-migrate-capabilities" => Command::QueryMigrateCapabilities,
+            "migrate-set-parameters" => Command::MigrateSetParameters,
+            "query-migrate-parameters" => Command::QueryMigrateParameters,
             _ => return None,
         })
     }
@@ -59,6 +85,8 @@ pub type Reply = Result<Value, CommandError>;
 /// A command on its way to the VMM's main loop, with where to answer.
 pub struct ApiRequest {
     pub command: Command,
+    /// The request's `arguments` object (`{}` when absent).
+    pub args: Value,
     pub reply: Sender<Reply>,
 }
 
@@ -217,14 +245,27 @@ fn answer(line: &str, writer: &Writer, submit: &(impl Fn(ApiRequest) + ?Sized)) 
             &format!("The command {name} has not been found"),
         ));
     };
+    let args = request.get("arguments").cloned().unwrap_or(json!({}));
+    if !args.is_object() {
+        return Some(error_json(
+            id,
+            "GenericError",
+            "\"arguments\" must be an object",
+        ));
+    }
     let (tx, rx) = mpsc::channel();
+    let request = ApiRequest {
+        command,
+        args,
+        reply: tx,
+    };
     if command == Command::Quit {
         // Answer first: once the request is handled the VMM is gone.
         write_line(writer, &with_id(json!({"return": {}}), id));
-        submit(ApiRequest { command, reply: tx });
+        submit(request);
         return None;
     }
-    submit(ApiRequest { command, reply: tx });
+    submit(request);
     Some(match rx.recv() {
         Ok(Ok(value)) => with_id(json!({ "return": value }), id),
         Ok(Err(e)) => error_json(id, e.class, &e.desc),

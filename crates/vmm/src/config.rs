@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::cpuid::CpuProfile;
+use crate::device_config::{self, DeviceConfigError, DeviceSetting, DiskConfig, NicConfig};
+use crate::migration::MigrationUri;
 
 /// Errors in the VM's settings.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,12 @@ pub enum ConfigError {
     BadCpuProfile(String),
     #[error("cmdline: {len} bytes is longer than the {max} bytes Linux accepts")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error(transparent)]
+    Device(#[from] DeviceConfigError),
+    #[error("incoming: {0}")]
+    Incoming(crate::migration::TransportError),
+    #[error("device id {0:?} is used twice (ids name disks and NICs in the control API)")]
+    DuplicateId(String),
 }
 
 /// Smallest guest: room for the boot structures, tables and a small kernel.
@@ -83,6 +91,15 @@ pub struct Settings {
     pub serial: Option<String>,
     pub api: Option<PathBuf>,
     pub cpu_profile: Option<String>,
+    /// Disks: `path=FILE,format=..,readonly=on,...` or tables (`[[disk]]`).
+    pub disk: Option<Vec<DeviceSetting>>,
+    /// NICs over taps: `tap=NAME,mac=..,bps=..,pps=..` or tables (`[[net]]`).
+    pub net: Option<Vec<DeviceSetting>>,
+    /// A virtio-rng device.
+    pub rng: Option<bool>,
+    /// Wait for a migration stream (tcp:, unix:, exec:, fd:, file:) instead
+    /// of booting the kernel.
+    pub incoming: Option<String>,
 }
 
 impl Settings {
@@ -115,6 +132,10 @@ impl Settings {
             serial: over.serial.or(self.serial),
             api: over.api.or(self.api),
             cpu_profile: over.cpu_profile.or(self.cpu_profile),
+            disk: over.disk.or(self.disk),
+            net: over.net.or(self.net),
+            rng: over.rng.or(self.rng),
+            incoming: over.incoming.or(self.incoming),
         }
     }
 
@@ -149,6 +170,13 @@ impl Settings {
             Some("pvm-compat") => CpuProfile::PvmCompat,
             Some(other) => return Err(ConfigError::BadCpuProfile(other.to_owned())),
         };
+        let disks = (self.disk.unwrap_or_default().iter().enumerate())
+            .map(|(i, d)| device_config::parse_disk(d, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nics = (self.net.unwrap_or_default().iter().enumerate())
+            .map(|(i, n)| device_config::parse_nic(n, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_unique_ids(&disks, &nics)?;
         Ok(VmConfig {
             kernel: self.kernel.ok_or(ConfigError::NoKernel)?,
             initrd: self.initrd,
@@ -158,8 +186,29 @@ impl Settings {
             serial: SerialTarget::parse(self.serial.as_deref().unwrap_or("stdio"))?,
             api: self.api,
             cpu_profile,
+            disks,
+            nics,
+            rng: self.rng.unwrap_or(false),
+            incoming: match self.incoming {
+                Some(uri) => Some(uri.parse().map_err(ConfigError::Incoming)?),
+                None => None,
+            },
         })
     }
+}
+
+fn check_unique_ids(disks: &[DiskConfig], nics: &[NicConfig]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    let ids = disks
+        .iter()
+        .map(|d| &d.id)
+        .chain(nics.iter().map(|n| &n.id));
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(ConfigError::DuplicateId(id.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `512M`, `2G`, `1024K`, `65536` (plain numbers are MiB, as QEMU's
@@ -190,6 +239,10 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     pub api: Option<PathBuf>,
     pub cpu_profile: CpuProfile,
+    pub disks: Vec<DiskConfig>,
+    pub nics: Vec<NicConfig>,
+    pub rng: bool,
+    pub incoming: Option<MigrationUri>,
 }
 
 /// The host's RAM plus swap in bytes (`/proc/meminfo`), the most guest

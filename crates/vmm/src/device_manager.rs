@@ -7,7 +7,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{AcpiSleepControl, DebugExit, Serial, VmRequestSink, I8042};
-use devices::{BusDevice, Interrupt};
+use devices::virtio::{MmioTransport, VirtioDevice};
+use devices::{BusDevice, GuestMemory, Interrupt};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -205,13 +206,15 @@ impl DeviceManager {
         self.serial.clone()
     }
 
-    /// Places a virtio-mmio transport in the next 4 KiB slot with the next
-    /// free GSI; returns the slot and the interrupt line the device raises.
-    pub fn add_virtio_mmio(
+    /// Puts `device` behind a virtio-mmio transport in the next 4 KiB slot
+    /// with the next free GSI (an irqfd), its queue notifications as
+    /// ioeventfds, and returns the transport for the VMM to keep.
+    pub fn add_virtio<D: VirtioDevice + 'static>(
         &mut self,
         vm: &VmFd,
-        device: SharedDevice,
-    ) -> Result<(MmioSlot, Arc<IrqLine>), DeviceError> {
+        mem: &GuestMemory,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, DeviceError> {
         let index = self.mmio_slots.len() as u64;
         let gsi = layout::VIRTIO_FIRST_GSI + index as u32;
         if index >= layout::VIRTIO_MMIO_SLOTS || gsi >= layout::IOAPIC_PINS {
@@ -223,22 +226,30 @@ impl DeviceManager {
             gsi,
         };
         let irq = Arc::new(IrqLine::new(vm, gsi)?);
-        self.buses.mmio.insert(slot.base, slot.len, device)?;
+        let transport =
+            MmioTransport::new(device, mem.clone(), irq).map_err(DeviceError::EventFd)?;
+        let notify = slot.base + MmioTransport::<D>::queue_notify_offset();
+        for (queue, event) in (0u32..).zip(transport.queue_events()) {
+            let event = event.try_clone().map_err(DeviceError::EventFd)?;
+            self.add_queue_notify(vm, notify, queue, event)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.buses
+            .mmio
+            .insert(slot.base, slot.len, transport.clone())?;
         self.mmio_slots.push(slot);
-        Ok((slot, irq))
+        Ok(transport)
     }
 
-    /// Lets KVM signal `event` on a guest write of `queue` to the device's
-    /// QueueNotify register, without an exit to the VMM.
-    pub fn add_queue_notify(
+    /// Lets KVM signal `event` on a guest write of `queue` to the
+    /// QueueNotify register at `addr`, without an exit to the VMM.
+    fn add_queue_notify(
         &mut self,
         vm: &VmFd,
-        slot: &MmioSlot,
+        addr: u64,
         queue: u32,
         event: EventFd,
     ) -> Result<(), DeviceError> {
-        const QUEUE_NOTIFY: u64 = 0x50;
-        let addr = slot.base + QUEUE_NOTIFY;
         vm.register_ioevent(&event, &IoEventAddress::Mmio(addr), queue)
             .map_err(|source| DeviceError::Ioeventfd { addr, source })?;
         self.ioeventfds.push(event);

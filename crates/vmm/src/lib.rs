@@ -10,16 +10,20 @@ pub mod boot;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod device_config;
 pub mod device_manager;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod outgoing;
 pub mod vcpu;
 pub mod vcpus;
+pub mod virtio_devices;
 pub mod vm;
+pub mod vm_state;
 
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use devices::legacy::{VmRequest, VmRequestSink};
 use serde_json::{json, Value};
@@ -27,7 +31,10 @@ use serde_json::{json, Value};
 use crate::api::{ApiRequest, ApiServer, Command, CommandError, Reply};
 use crate::config::VmConfig;
 use crate::console::Console;
+use crate::migration::MigrationControl;
+use crate::outgoing::{EventSender, MigrateCommandError, Outgoing, SharedVm};
 use crate::vcpus::VcpuFailureSink;
+use crate::virtio_devices::TuneError;
 use crate::vm::{Sinks, Vm};
 
 /// Errors of a VMM run: set-up failures and fatal guest exits.
@@ -100,34 +107,63 @@ impl VcpuFailureSink for EventSink {
 /// Runs the VM until it ends; returns how it ended.
 pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
     let (tx, rx) = mpsc::channel();
-    let sink = std::sync::Arc::new(EventSink(Mutex::new(tx.clone())));
+    let sink = Arc::new(EventSink(Mutex::new(tx.clone())));
     let console = Console::open(&config.serial)?;
     let api = match &config.api {
         Some(path) => {
             let tx = Mutex::new(tx);
-            Some(ApiServer::start(path, move |req| {
+            Some(Arc::new(ApiServer::start(path, move |req| {
                 let _ = tx
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .send(Event::Api(req));
-            })?)
+            })?))
         }
         None => None,
     };
-    let mut vm = Vm::start(
+    let control = Arc::new(MigrationControl::default());
+    let vm = Vm::start(
         config,
         console,
         Sinks {
             requests: sink.clone(),
             failures: sink,
+            throttle: control.clone(),
         },
     )?;
-    let result = main_loop(&mut vm, &rx, api.as_ref());
-    if let (Ok(exit), Some(api)) = (&result, &api) {
-        api.emit("SHUTDOWN", shutdown_data(*exit));
+    let vm = Arc::new(Mutex::new(vm));
+    let emit: EventSender = match &api {
+        Some(api) => {
+            let api = api.clone();
+            Arc::new(move |event: &str, data: Value| api.emit(event, data))
+        }
+        None => Arc::new(|_: &str, _: Value| {}),
+    };
+    let mut state = LoopState {
+        vm: vm.clone(),
+        outgoing: Outgoing::new(control),
+        emit: emit.clone(),
+    };
+    let result = main_loop(&mut state, &rx);
+    if let Ok(exit) = &result {
+        emit("SHUTDOWN", shutdown_data(*exit));
     }
-    vm.stop();
+    state.outgoing.cancel();
+    vm.lock().unwrap_or_else(|p| p.into_inner()).stop();
     result
+}
+
+/// What the main loop works on.
+struct LoopState {
+    vm: SharedVm,
+    outgoing: Outgoing,
+    emit: EventSender,
+}
+
+impl LoopState {
+    fn vm(&self) -> std::sync::MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn shutdown_data(exit: VmExit) -> Value {
@@ -139,16 +175,7 @@ fn shutdown_data(exit: VmExit) -> Value {
     json!({"guest": guest, "reason": reason})
 }
 
-fn main_loop(
-    vm: &mut Vm,
-    rx: &Receiver<Event>,
-    api: Option<&ApiServer>,
-) -> Result<VmExit, VmmError> {
-    let emit = |event: &str, data: Value| {
-        if let Some(api) = api {
-            api.emit(event, data);
-        }
-    };
+fn main_loop(state: &mut LoopState, rx: &Receiver<Event>) -> Result<VmExit, VmmError> {
     loop {
         let Ok(event) = rx.recv() else {
             // Every sender is gone: nothing can end the VM any more.
@@ -163,7 +190,7 @@ fn main_loop(
                 if request.command == Command::Quit {
                     return Ok(VmExit::Quit);
                 }
-                let reply = execute(vm, request.command, &emit);
+                let reply = execute(state, request.command, &request.args);
                 // A client that hung up does not need its answer.
                 let _ = request.reply.send(reply);
             }
@@ -171,13 +198,20 @@ fn main_loop(
     }
 }
 
-fn execute(vm: &mut Vm, command: Command, emit: &impl Fn(&str, Value)) -> Reply {
+fn execute(state: &mut LoopState, command: Command, args: &Value) -> Reply {
+    let emit = &state.emit;
     match command {
         Command::QueryStatus => {
-            let status = if vm.is_paused() { "paused" } else { "running" };
-            Ok(json!({"status": status, "running": !vm.is_paused(), "singlestep": false}))
+            let paused = state.vm().is_paused();
+            let status = match (paused, state.outgoing.completed()) {
+                (true, true) => "postmigrate",
+                (true, false) => "paused",
+                (false, _) => "running",
+            };
+            Ok(json!({"status": status, "running": !paused, "singlestep": false}))
         }
         Command::Stop => {
+            let mut vm = state.vm();
             if !vm.is_paused() {
                 vm.pause();
                 emit("STOP", json!({}));
@@ -185,6 +219,7 @@ fn execute(vm: &mut Vm, command: Command, emit: &impl Fn(&str, Value)) -> Reply 
             Ok(json!({}))
         }
         Command::Cont => {
+            let mut vm = state.vm();
             if vm.is_paused() {
                 vm.resume();
                 emit("RESUME", json!({}));
@@ -192,7 +227,7 @@ fn execute(vm: &mut Vm, command: Command, emit: &impl Fn(&str, Value)) -> Reply 
             Ok(json!({}))
         }
         Command::SystemReset => {
-            vm.reset().map_err(|e| CommandError {
+            state.vm().reset().map_err(|e| CommandError {
                 class: "GenericError",
                 desc: e.to_string(),
             })?;
@@ -203,12 +238,51 @@ fn execute(vm: &mut Vm, command: Command, emit: &impl Fn(&str, Value)) -> Reply 
             Ok(json!({}))
         }
         Command::QueryCpus => Ok(Value::Array(
-            vm.vcpu_thread_ids()
+            state
+                .vm()
+                .vcpu_thread_ids()
                 .into_iter()
                 .enumerate()
                 .map(|(i, tid)| json!({"cpu-index": i, "thread-id": tid, "target": "x86_64"}))
                 .collect(),
         )),
         Command::Quit => Ok(json!({})),
+        Command::QueryBlock => Ok(state.vm().virtio().query_block()),
+        Command::QueryBlockstats => Ok(state.vm().virtio().query_blockstats()),
+        Command::QueryNet => Ok(state.vm().virtio().query_net()),
+        Command::BlockSetIoThrottle => tuned(state.vm().virtio().set_block_throttle(args)),
+        Command::NetSetThrottle => tuned(state.vm().virtio().set_net_throttle(args)),
+        Command::SetLink => tuned(state.vm().virtio().set_link(args)),
+        Command::Migrate => {
+            let (vm, emit) = (state.vm.clone(), state.emit.clone());
+            migration_reply(state.outgoing.start(&vm, args, emit))
+        }
+        Command::MigrateCancel => {
+            state.outgoing.cancel();
+            Ok(json!({}))
+        }
+        Command::QueryMigrate => Ok(state.outgoing.query()),
+        Command::MigrateSetCapabilities => migration_reply(state.outgoing.set_capabilities(args)),
+        Command::QueryMigrateCapabilities => Ok(state.outgoing.query_capabilities()),
+        Command::MigrateSetParameters => migration_reply(state.outgoing.set_parameters(args)),
+        Command::QueryMigrateParameters => Ok(state.outgoing.query_parameters()),
     }
+}
+
+fn migration_reply(result: Result<(), MigrateCommandError>) -> Reply {
+    result.map(|()| json!({})).map_err(|e| CommandError {
+        class: "GenericError",
+        desc: e.to_string(),
+    })
+}
+
+/// A device-tuning command's reply, errors in QMP's classes.
+fn tuned(result: Result<(), TuneError>) -> Reply {
+    result.map(|()| json!({})).map_err(|e| CommandError {
+        class: match e {
+            TuneError::NotFound(_) => "DeviceNotFound",
+            TuneError::Invalid(_) => "GenericError",
+        },
+        desc: e.to_string(),
+    })
 }

@@ -5,16 +5,18 @@
 //! KVM_RUN with a signal until all of them have parked; a parked vCPU's fd
 //! is free for saving or restoring its state.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::legacy::{VmRequest, VmRequestSink};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::device_manager::IoBuses;
+use crate::migration::source::THROTTLE_SLICE;
 
 /// Errors starting vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -108,11 +110,43 @@ fn install_kick_handler() -> Result<(), VcpusError> {
     result.map_err(VcpusError::Signal)
 }
 
+/// Auto-converge's brake (QEMU's cpu throttle): how long a vCPU thread
+/// sleeps after each [`THROTTLE_SLICE`] it ran; zero when not throttled.
+pub trait Throttle: Send + Sync {
+    fn sleep_per_slice(&self) -> Duration;
+}
+
+/// No throttle.
+pub struct Unthrottled;
+
+impl Throttle for Unthrottled {
+    fn sleep_per_slice(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
     pub buses: Arc<IoBuses>,
     pub requests: Arc<dyn VmRequestSink>,
     pub failures: Arc<dyn VcpuFailureSink>,
+    pub throttle: Arc<dyn Throttle>,
+}
+
+/// Kicks every vCPU thread out of KVM_RUN from any thread (a throttled
+/// vCPU that never exits on its own then gets to sleep).
+#[derive(Clone)]
+pub struct Kicker(Vec<libc::pthread_t>);
+
+impl Kicker {
+    pub fn kick(&self) {
+        for &thread in &self.0 {
+            // SAFETY: the pthread_t values belong to vCPU threads, which
+            // live until the VM ends; pthread_kill on an ended thread
+            // returns ESRCH and does nothing.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
 }
 
 impl Vcpus {
@@ -181,6 +215,15 @@ impl Vcpus {
         }
     }
 
+    /// A handle that kicks the vCPU threads, usable from other threads.
+    pub fn kicker(&self) -> Kicker {
+        Kicker(
+            (self.handles.iter())
+                .filter_map(|h| h.thread.as_ref().map(|t| t.as_pthread_t()))
+                .collect(),
+        )
+    }
+
     /// Lets every paused vCPU run again.
     pub fn resume(&self) {
         self.set_target(Target::Run);
@@ -235,13 +278,19 @@ fn vcpu_thread(
 ) {
     // SAFETY: gettid has no arguments and cannot fail.
     tid.store(unsafe { libc::gettid() }, Ordering::Release);
+    let mut slice_start = Instant::now();
     while control.wait_runnable() {
         let outcome = {
             let mut fd = fd.lock().unwrap_or_else(|p| p.into_inner());
             run_once(&mut fd, id, &ctx.buses)
         };
         match outcome {
-            Outcome::Continue => {}
+            Outcome::Continue => {
+                if slice_start.elapsed() >= THROTTLE_SLICE {
+                    std::thread::sleep(ctx.throttle.sleep_per_slice());
+                    slice_start = Instant::now();
+                }
+            }
             Outcome::Request(request) => {
                 ctx.requests.request(request);
                 control.park_until_exit();

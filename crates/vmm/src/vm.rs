@@ -18,7 +18,8 @@ use crate::device_manager::DeviceManager;
 use crate::layout;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, VcpuState};
-use crate::vcpus::{VcpuContext, VcpuFailureSink, Vcpus};
+use crate::vcpus::{Kicker, Throttle, VcpuContext, VcpuFailureSink, Vcpus};
+use crate::virtio_devices::{VirtioDevices, VirtioError};
 
 /// Errors creating or driving the VM.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,10 @@ pub enum VmError {
     Vcpus(#[from] crate::vcpus::VcpusError),
     #[error(transparent)]
     Device(#[from] crate::device_manager::DeviceError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    #[error(transparent)]
+    State(#[from] crate::vm_state::StateError),
     #[error("VM state version {found} is not the supported version {supported}")]
     StateVersion { found: u32, supported: u32 },
 }
@@ -114,6 +119,8 @@ impl VmState {
 pub struct Sinks {
     pub requests: Arc<dyn VmRequestSink>,
     pub failures: Arc<dyn VcpuFailureSink>,
+    /// Auto-converge's brake on the vCPU threads.
+    pub throttle: Arc<dyn Throttle>,
 }
 
 /// A created, running VM.
@@ -125,18 +132,35 @@ pub struct Vm {
     /// vCPU and VM state right after set-up: what a reset goes back to.
     boot_vcpus: Vec<VcpuState>,
     boot_vm: VmState,
+    /// The MSRs KVM saves and restores, for state capture.
+    msr_indices: Vec<u32>,
     serial: Arc<Mutex<Serial>>,
+    virtio: VirtioDevices,
     paused: bool,
 }
 
 impl Vm {
-    /// Creates the VM, loads the kernel and starts the vCPUs.
+    /// Creates the VM and starts the vCPUs: from the kernel, or, with
+    /// `config.incoming`, from the state an incoming migration brings
+    /// (devices are opened after the stream, so disks are read fresh).
     pub fn start(config: &VmConfig, console: Console, sinks: Sinks) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         check_limits(&kvm, config)?;
         let fd = create_vm(&kvm)?;
         let ram = GuestRam::new(&fd, config.memory)?;
-        let devices = DeviceManager::new(&fd, console.output, sinks.requests.clone())?;
+        let incoming = match &config.incoming {
+            Some(uri) => Some(crate::vm_state::receive(uri, ram.memory(), config.vcpus)?),
+            None => None,
+        };
+        let mut devices = DeviceManager::new(&fd, console.output, sinks.requests.clone())?;
+        let virtio = VirtioDevices::attach(
+            &config.disks,
+            &config.nics,
+            config.rng,
+            &fd,
+            ram.memory(),
+            &mut devices,
+        )?;
         let mut cmdline = config.cmdline.clone();
         for param in devices.cmdline_params() {
             cmdline.push(' ');
@@ -169,6 +193,9 @@ impl Vm {
             fds.push(vcpu);
         }
         let boot_vm = VmState::save(&fd)?;
+        if let Some(incoming) = incoming {
+            crate::vm_state::restore(incoming, &fd, &fds, &virtio)?;
+        }
         let (buses, serial) = devices.into_buses();
         console.input.start(serial.clone());
         let vcpus = Vcpus::start(
@@ -177,6 +204,7 @@ impl Vm {
                 buses,
                 requests: sinks.requests,
                 failures: sinks.failures,
+                throttle: sinks.throttle,
             },
         )?;
         Ok(Vm {
@@ -186,7 +214,9 @@ impl Vm {
             vcpus,
             boot_vcpus,
             boot_vm,
+            msr_indices,
             serial,
+            virtio,
             paused: false,
         })
     }
@@ -215,6 +245,10 @@ impl Vm {
     pub fn reset(&mut self) -> Result<(), VmError> {
         let was_paused = self.paused;
         self.pause();
+        // Device workers stop before the RAM they write to is cleared.
+        for mut slot in self.virtio.slots() {
+            slot.reset();
+        }
         self.ram.discard_all()?;
         boot::load(self.ram.memory(), self.ram.size(), &self.boot)?;
         for (fd, state) in self.vcpus.fds().zip(&self.boot_vcpus) {
@@ -237,9 +271,46 @@ impl Vm {
         &self.serial
     }
 
+    /// The virtio devices (for the control API).
+    pub fn virtio(&self) -> &VirtioDevices {
+        &self.virtio
+    }
+
     /// The guest RAM (for dirty tracking and migration).
     pub fn ram(&mut self) -> (&VmFd, &mut GuestRam) {
         (&self.fd, &mut self.ram)
+    }
+
+    /// Stops the vCPUs and then the device workers: nothing writes guest
+    /// memory or disks until [`Vm::unquiesce`] (a migration's last stage).
+    pub fn quiesce(&mut self) {
+        self.pause();
+        for mut slot in self.virtio.slots() {
+            slot.pause();
+        }
+    }
+
+    pub fn unquiesce(&mut self) {
+        for mut slot in self.virtio.slots() {
+            slot.resume();
+        }
+        self.resume();
+    }
+
+    /// vCPU, VM-wide and device state (disks flushed); call while quiesced.
+    pub fn save_state(&mut self) -> Result<crate::migration::SavedState, VmError> {
+        let mut vcpus = Vec::new();
+        for (id, fd) in (0u32..).zip(self.vcpus.fds()) {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            vcpus.push(VcpuState::save(&fd, id, &self.msr_indices)?);
+        }
+        let vm = VmState::save(&self.fd)?;
+        Ok(crate::vm_state::save(&vcpus, &vm, &self.virtio)?)
+    }
+
+    /// Kicks vCPU threads out of KVM_RUN (for the throttle).
+    pub fn kicker(&self) -> Kicker {
+        self.vcpus.kicker()
     }
 
     /// Ends the vCPU threads.

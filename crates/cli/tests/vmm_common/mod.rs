@@ -4,10 +4,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use testkit::VmRun;
 
@@ -132,4 +136,169 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A running `oxvirt vmm` with its console in a file and a connected client.
+pub struct Session {
+    pub child: Child,
+    console: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events read while waiting for a reply, oldest first.
+    events: Vec<Value>,
+    dir: PathBuf,
+}
+
+impl Session {
+    /// Starts `oxvirt vmm --kernel KERNEL ARGS` with its console in a file
+    /// and its control socket connected.
+    pub fn start(name: &str, kernel: &Path, args: &[&str]) -> Session {
+        let mut command = oxvirt();
+        command.arg("vmm").arg("--kernel").arg(kernel).args(args);
+        Session::spawn(name, command)
+    }
+
+    /// Runs `command` (an `oxvirt vmm` command line, possibly behind a
+    /// wrapper such as `ip netns exec`) with `--serial` and `--api` added.
+    pub fn spawn(name: &str, mut command: Command) -> Session {
+        let dir = temp_dir(name);
+        let console = dir.join("console.txt");
+        let api = dir.join("api.sock");
+        let child = command
+            .arg("--serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("--api")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start oxvirt vmm");
+        let stream = connect(&api);
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let greeting = read_json(&mut reader);
+        assert!(greeting.get("QMP").is_some(), "greeting {greeting}");
+        Session {
+            child,
+            console,
+            reader,
+            writer: stream,
+            events: Vec::new(),
+            dir,
+        }
+    }
+
+    pub fn send_raw(&mut self, line: &str) -> Value {
+        self.writer.write_all(line.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        self.next_reply()
+    }
+
+    pub fn execute(&mut self, command: &str) -> Value {
+        self.send_raw(&json!({"execute": command}).to_string())
+    }
+
+    /// Runs `command` with `arguments`.
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> Value {
+        self.send_raw(&json!({"execute": command, "arguments": arguments}).to_string())
+    }
+
+    /// A command's `return` value; panics on an error reply.
+    pub fn ok(&mut self, command: &str, arguments: Value) -> Value {
+        let reply = self.execute_with(command, arguments);
+        reply
+            .get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{command}: {reply}"))
+    }
+
+    /// The next reply line; events on the way are kept for `wait_event`.
+    pub fn next_reply(&mut self) -> Value {
+        loop {
+            let v = read_json(&mut self.reader);
+            if v.get("event").is_none() {
+                return v;
+            }
+            self.events.push(v);
+        }
+    }
+
+    /// Takes the event `name` (already received, or the next one to come).
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        let is = |v: &Value| v.get("event").and_then(Value::as_str) == Some(name);
+        if let Some(i) = self.events.iter().position(is) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = read_json(&mut self.reader);
+            if is(&v) {
+                return v;
+            }
+        }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.console().matches(needle).count()
+    }
+
+    /// Waits until the console holds at least `n` of `needle`.
+    pub fn wait_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.count(needle) < n {
+            assert!(
+                start.elapsed() < timeout,
+                "waited {timeout:?} for {n} x {needle:?}; console:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_exit(mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        status
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(path: &Path) -> UnixStream {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                return s;
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("connect {path:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn read_json(reader: &mut BufReader<UnixStream>) -> Value {
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .expect("read from the control socket");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
 }

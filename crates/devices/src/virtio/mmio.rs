@@ -367,7 +367,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    fn reset(&mut self) {
+    /// Back to the state before the driver's first access, as a driver
+    /// writing 0 to Status does; also what a machine reset does.
+    pub fn reset(&mut self) {
         if self.active {
             self.device.deactivate();
             self.active = false;

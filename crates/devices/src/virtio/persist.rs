@@ -124,26 +124,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
         irq: Arc<dyn Interrupt>,
         state: &MmioState,
     ) -> Result<Self, TransportError> {
+        let mut transport =
+            MmioTransport::new(device, mem, irq).map_err(TransportError::EventFd)?;
+        transport.load_state(state)?;
+        Ok(transport)
+    }
+
+    /// Puts a saved state into this (stopped) transport, keeping its
+    /// device, interrupt line and queue EventFds: what a VMM does that
+    /// placed the device before the state arrived. The worker is not
+    /// started: call [`MmioTransport::resume`].
+    pub fn load_state(&mut self, state: &MmioState) -> Result<(), TransportError> {
         if state.version != MMIO_STATE_VERSION {
             return Err(TransportError::Version {
                 found: state.version,
                 expected: MMIO_STATE_VERSION,
             });
         }
-        if state.device_type != device.device_type() {
+        if state.device_type != self.device.device_type() {
             return Err(TransportError::DeviceType {
                 saved: state.device_type,
-                device: device.device_type(),
+                device: self.device.device_type(),
             });
         }
-        let offered = device.avail_features();
+        let offered = self.device.avail_features();
         if state.acked_features & !offered != 0 {
             return Err(TransportError::Features {
                 acked: state.acked_features,
                 offered,
             });
         }
-        let expected = new_queues(&device).len();
+        let expected = new_queues(&self.device).len();
         if state.queues.len() != expected {
             return Err(TransportError::QueueCount {
                 saved: state.queues.len(),
@@ -159,16 +170,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     .map_err(|source| TransportError::Queue { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut transport =
-            MmioTransport::new(device, mem, irq).map_err(TransportError::EventFd)?;
-        transport.queues = queues;
-        transport.status = state.status;
-        transport.acked_features = state.acked_features;
-        transport.device_features_sel = state.device_features_sel;
-        transport.driver_features_sel = state.driver_features_sel;
-        transport.queue_sel = state.queue_sel;
-        transport.config_generation = state.config_generation;
-        transport.interrupt.set_status(state.interrupt_status);
-        Ok(transport)
+        self.pause();
+        self.queues = queues;
+        self.status = state.status;
+        self.acked_features = state.acked_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        Ok(())
     }
 }
