@@ -20,11 +20,13 @@ pub enum CpuProfile {
     Host,
     /// KVM's set minus what a nested PVM host's ring-0 instruction emulator
     /// cannot execute: CMPXCHG16B, the XSAVE family and every feature that
-    /// needs XSAVE-managed state (AVX, AVX2, AVX-512, FMA, F16C, AMX, ...).
-    /// For machines like this project's (see docs/vmm.md).
+    /// needs XSAVE-managed state (AVX, AVX2, AVX-512, FMA, F16C, AMX, ...),
+    /// and no basic leaf from 0xD up. For machines like this project's
+    /// (see docs/vmm.md).
     PvmCompat,
 }
 
+const LEAF_BASIC: u32 = 0x0;
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE: u32 = 0x4;
 const LEAF_EXT_FEATURES: u32 = 0x7;
@@ -36,6 +38,16 @@ const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
 
+/// The highest basic leaf pvm-compat shows: one below the XSAVE leaf 0xD.
+///
+/// A PVM host runs guest ring-3 code natively, where CPUID is not trapped,
+/// so its KVM forces the guest's leaf 1 ECX feature bits it cannot hide from
+/// ring 3 (XSAVE, AVX, FMA, F16C, ...), all of leaf 7 and leaf 0xD back to
+/// the host's values whatever KVM_SET_CPUID2 was given (read back with
+/// KVM_GET_CPUID2 on this project's machines). The highest basic leaf is
+/// honoured, and Linux drops XSAVE, and with it every feature that depends
+/// on it, when leaf 0xD is out of range (`filter_cpuid_features`).
+const PVM_MAX_BASIC_LEAF: u32 = LEAF_XSAVE - 1;
 /// Leaf 1 ECX bits the pvm-compat profile clears.
 const PVM_LEAF1_ECX: u32 = (1 << 12) // FMA
     | (1 << 13) // CMPXCHG16B
@@ -99,6 +111,7 @@ fn kvm_signature_leaf() -> kvm_cpuid_entry2 {
 fn apply_pvm_compat(entries: &mut [kvm_cpuid_entry2]) {
     for e in entries {
         match (e.function, e.index) {
+            (LEAF_BASIC, _) => e.eax = e.eax.min(PVM_MAX_BASIC_LEAF),
             (LEAF_FEATURES, _) => e.ecx &= !PVM_LEAF1_ECX,
             (LEAF_EXT_FEATURES, 0) => {
                 e.ebx &= !PVM_LEAF7_EBX;
@@ -213,6 +226,7 @@ mod tests {
             entry(LEAF_FEATURES, 0),
             entry(LEAF_XSAVE, 0),
             entry(LEAF_EXT_FEATURES, 0),
+            entry(LEAF_BASIC, 0),
         ];
         apply_pvm_compat(&mut entries);
         assert_eq!(entries[0].ecx & (1 << 13), 0);
@@ -220,6 +234,8 @@ mod tests {
         assert_ne!(entries[0].ecx & 1, 0, "SSE3 stays");
         assert_eq!(entries[1].eax, 0);
         assert_eq!(entries[2].ebx & (1 << 5), 0);
+        assert_eq!(entries[3].eax, 0xc);
+        assert_eq!(entries[3].ebx, 0xffff_ffff, "vendor string stays");
     }
 
     #[test]
@@ -243,5 +259,20 @@ mod kvm_tests {
         for e in c.as_slice().iter().filter(|e| e.function == LEAF_FEATURES) {
             assert_eq!(e.ecx & ((1 << 26) | (1 << 13)), 0, "{e:?}");
         }
+    }
+
+    /// What a vCPU really gets: KVM may override feature bits (a PVM host
+    /// forces XSAVE back on), but CMPXCHG16B and the leaf limit must hold.
+    #[test]
+    fn pvm_compat_survives_kvm_set_cpuid() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let c = supported(&kvm, CpuProfile::PvmCompat).unwrap();
+        vcpu.set_cpuid2(&for_vcpu(&c, 0, 1)).unwrap();
+        let got = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let leaf = |f| got.as_slice().iter().find(|e| e.function == f).unwrap();
+        assert!(leaf(LEAF_BASIC).eax < LEAF_XSAVE, "{:?}", leaf(LEAF_BASIC));
+        assert_eq!(leaf(LEAF_FEATURES).ecx & (1 << 13), 0);
     }
 }

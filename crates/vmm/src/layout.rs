@@ -6,7 +6,8 @@
 //! 0x0000_7000  boot_params (bzImage)  0x0000_8ff0  boot stack top
 //! 0x0000_9000  PML4, PDPT, PD         0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved)        0x000e_0000  ACPI tables (reserved)
-//! 0x0010_0000  kernel (bzImage)       ...          RAM up to 3 GiB
+//! 0x000f_0000  MP table (reserved)    0x0010_0000  kernel (bzImage)
+//! ...          RAM up to 3 GiB
 //! 0xc000_0000  MMIO hole: virtio-mmio slots at 0xd000_0000, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB
 //! ```
@@ -26,6 +27,8 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
+/// The MP floating pointer and table, in the BIOS area Linux scans.
+pub const MPTABLE_ADDR: u64 = 0xf0000;
 pub const ACPI_END: u64 = 0x100000;
 pub const HIMEM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

@@ -15,8 +15,9 @@ const OEM_TABLE_ID: &[u8; 8] = b"OXVIRTVM";
 const CREATOR_ID: &[u8; 4] = b"OXVT";
 const SDT_HEADER_LEN: usize = 36;
 
-/// Writes every table; tables follow the RSDP, 16-byte aligned.
-pub fn write(mem: &GuestMemory, vcpus: u32) -> Result<(), GuestMemoryError> {
+/// Writes every table (they follow the RSDP, 16-byte aligned); returns
+/// where the last one ends.
+pub fn write(mem: &GuestMemory, vcpus: u32) -> Result<u64, GuestMemoryError> {
     let mut next = RSDP_ADDR + 64;
     let mut place = |table: Vec<u8>| -> Result<u64, GuestMemoryError> {
         let addr = next;
@@ -28,7 +29,8 @@ pub fn write(mem: &GuestMemory, vcpus: u32) -> Result<(), GuestMemoryError> {
     let fadt = place(fadt(dsdt))?;
     let madt = place(madt(vcpus))?;
     let xsdt = place(xsdt(&[fadt, madt]))?;
-    mem.write_slice(&rsdp(xsdt), GuestAddress(RSDP_ADDR))
+    mem.write_slice(&rsdp(xsdt), GuestAddress(RSDP_ADDR))?;
+    Ok(next)
 }
 
 fn checksum(bytes: &[u8]) -> u8 {

@@ -39,7 +39,7 @@ pub(super) fn load(
     let header = read_header(file).map_err(|e| err(format!("reading the setup header: {e}")))?;
     let file_len = file.metadata().map_err(|e| err(e.to_string()))?.len();
     check_header(&header, file_len).map_err(err)?;
-    let needed = layout::HIMEM_START + u64::from(header.init_size);
+    let needed = decompression_end(&header);
     let ram_end = mem.last_addr().0 + 1;
     if needed > ram_end.min(layout::MMIO_HOLE_START) {
         return Err(err(format!(
@@ -57,6 +57,16 @@ pub(super) fn load(
         end: needed.max(loaded.kernel_end),
         format: KernelFormat::BzImage(loaded.setup_header.unwrap_or(header)),
     })
+}
+
+/// Where the kernel's decompressor writes up to: it runs from the load
+/// address rounded up to `kernel_alignment`, but never below the address
+/// the kernel was linked for (`pref_address`, LOAD_PHYSICAL_ADDR: 16 MiB
+/// for x86-64 distribution kernels), and needs `init_size` bytes there.
+fn decompression_end(h: &Header) -> u64 {
+    let align = u64::from(h.kernel_alignment).max(1);
+    let start = layout::HIMEM_START.div_ceil(align) * align;
+    start.max(h.pref_address) + u64::from(h.init_size)
 }
 
 fn read_header(file: &mut File) -> std::io::Result<Header> {
@@ -143,6 +153,25 @@ mod tests {
             syssize: 16,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn decompression_runs_at_the_link_address_when_loaded_below_it() {
+        // The Debian 6.1 cloud kernel's header.
+        let debian = Header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            init_size: 0x337_8000,
+            ..good()
+        };
+        assert_eq!(decompression_end(&debian), 0x437_8000);
+        let low = Header {
+            kernel_alignment: 0x1000,
+            pref_address: 0,
+            init_size: 0x10_0000,
+            ..good()
+        };
+        assert_eq!(decompression_end(&low), 0x20_0000);
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! CONFIG_PVH, the probe guest) starts in 32-bit protected mode with
 //! `hvm_start_info`; a bzImage starts at its 64-bit entry with `boot_params`
 //! (Linux 64-bit boot protocol). Both get the command line, the e820 map, an
-//! optional initrd and the ACPI tables that list every vCPU.
+//! optional initrd, and the ACPI tables and the MP table that list every vCPU.
 
 mod acpi;
 mod bzimage;
+mod mptable;
 mod pvh;
 pub(crate) mod tables;
 
@@ -114,6 +115,7 @@ pub fn load(mem: &GuestMemory, mem_size: u64, spec: &BootSpec) -> Result<BootEnt
     };
     tables::write_gdt(mem).map_err(write_err)?;
     acpi::write(mem, spec.vcpus).map_err(write_err)?;
+    mptable::write(mem, spec.vcpus).map_err(write_err)?;
     let mut cmdline = spec.cmdline.clone().into_bytes();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(layout::CMDLINE_ADDR))
