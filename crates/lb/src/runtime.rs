@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -91,6 +91,17 @@ pub struct Shared {
 impl Shared {
     pub fn next_connection(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A slot under `worker_connections` (TCP sessions and UDP sessions
+    /// alike); `Err` when all are taken, `Ok(None)` when there is no limit.
+    pub(crate) fn session_slot(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
+        match &self.capacity {
+            Some(sem) => sem.clone().try_acquire_owned().map(Some).map_err(|_| {
+                self.stats.over_capacity.fetch_add(1, Ordering::Relaxed);
+            }),
+            None => Ok(None),
+        }
     }
 
     pub fn current(&self) -> Arc<Generation> {
@@ -247,16 +258,9 @@ async fn accept_loop(
                 };
                 let Some((ctx, listen)) = serve.borrow().clone() else { return };
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let permit = match &shared.capacity {
-                    Some(sem) => match sem.clone().try_acquire_owned() {
-                        Ok(p) => Some(p),
-                        Err(_) => {
-                            shared.stats.over_capacity.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("worker_connections are not enough, dropping {peer}");
-                            continue;
-                        }
-                    },
-                    None => None,
+                let Ok(permit) = shared.session_slot() else {
+                    tracing::warn!("worker_connections are not enough, dropping {peer}");
+                    continue;
                 };
                 let session_shared = shared.clone();
                 shared.sessions.spawn(async move {

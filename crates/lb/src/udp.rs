@@ -73,6 +73,12 @@ pub async fn serve(
                         _ => continue,
                     }
                 }
+                // UDP sessions count against worker_connections too: with a
+                // PROXY header per datagram, one socket can claim any number of sources.
+                let Ok(permit) = shared.session_slot() else {
+                    tracing::debug!(%client, "worker_connections are not enough, dropping a datagram");
+                    continue;
+                };
                 let task_shared = shared.clone();
                 let sessions = sessions.clone();
                 let id = shared.next_connection();
@@ -86,7 +92,10 @@ pub async fn serve(
                     vars.remote = src;
                 }
                 let started = Started { ctx: ctx.clone(), socket: socket.clone(), key, id, rx, first: data };
-                shared.sessions.spawn(run_session(started, task_shared, sessions, vars));
+                shared.sessions.spawn(async move {
+                    run_session(started, task_shared, sessions, vars).await;
+                    drop(permit);
+                });
             }
         }
     }

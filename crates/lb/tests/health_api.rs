@@ -672,3 +672,51 @@ async fn heavy_udp_listen_accepts_proxy_v2_and_passes_the_client_on() {
     want.sort();
     assert_eq!(lines, want, "one session per client and PROXY source");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_udp_sessions_count_against_worker_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = udp_backend().await;
+    let port = free_udp_port();
+    let lb = start(
+        dir.path(),
+        &format!(
+            "events {{ worker_connections 2; }}
+stream {{ server {{ listen 127.0.0.1:{port} udp proxy_protocol; proxy_pass {backend}; proxy_timeout 1s; }} }}"
+        ),
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // One socket claiming five sources: only two sessions fit.
+    let mut answered = 0;
+    for i in 1..=5 {
+        let src: SocketAddr = format!("192.0.2.{i}:53").parse().unwrap();
+        let mut d = lb::proxy_protocol::encode_v2(src, dst, true);
+        d.extend_from_slice(b"q");
+        client.send_to(&d, dst).await.unwrap();
+        let mut buf = [0u8; 64];
+        if tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf))
+            .await
+            .is_ok()
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 2);
+    let stats = &lb.shared().stats;
+    assert_eq!(stats.over_capacity.load(Ordering::Relaxed), 3);
+    // Once they idle out, there is room again.
+    wait_for("sessions to end", Duration::from_secs(3), || {
+        lb.shared().sessions.is_empty()
+    })
+    .await;
+    let mut d = lb::proxy_protocol::encode_v2("192.0.2.9:53".parse().unwrap(), dst, true);
+    d.extend_from_slice(b"again");
+    client.send_to(&d, dst).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"again");
+}
