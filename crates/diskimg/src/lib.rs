@@ -9,6 +9,7 @@ mod disk;
 mod error;
 pub mod fuzzing;
 pub mod image;
+mod offset_map;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;

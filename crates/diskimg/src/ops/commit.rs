@@ -9,58 +9,97 @@ use crate::image::{resolve_backing, Chain, Format};
 
 const CHUNK: u64 = 1 << 20;
 
-/// Copies what `top` holds into its backing file; unless `keep`, then
-/// empties `top`. Only the immediate backing file can be the base.
+/// Copies what `top` and the images between it and `base` hold into
+/// `base` (by default the immediate backing file); unless `keep`, then
+/// empties `top`. As qemu-img, a base further down the chain implies
+/// `keep`: the images in between no longer read as they did, so `top`
+/// must keep its data.
 pub fn commit(top: &Path, base: Option<&Path>, keep: bool) -> Result<()> {
-    let reader = Chain::new().open_qcow2(top, true)?;
-    let header = reader.header();
-    let Some(name) = header.backing_file.clone() else {
+    let chain = backing_chain(top)?;
+    if chain.len() < 2 {
         return Err(Error::Usage(format!(
             "{}: Image does not have a backing file",
             top.display()
         )));
-    };
-    let backing = resolve_backing(top, &name);
-    if let Some(b) = base {
-        let same = b.canonicalize().ok() == backing.canonicalize().ok();
-        if !same {
-            return Err(Error::Unsupported {
-                path: top.into(),
-                what: format!(
-                    "committing into {} (only the immediate backing file {} can be the base)",
-                    b.display(),
-                    backing.display()
-                ),
-            });
-        }
     }
-    let fmt = header
-        .backing_format
-        .as_deref()
-        .map(str::parse::<Format>)
-        .transpose()?;
-    let target = Chain::new().open(&backing, false, fmt)?;
+    let depth = match base {
+        None => 1,
+        Some(b) => {
+            let wanted = b.canonicalize().ok();
+            chain
+                .iter()
+                .skip(1)
+                .position(|(p, _)| p.canonicalize().ok() == wanted)
+                .map(|i| i + 1)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "Did not find '{}' in the backing chain of '{}'",
+                        b.display(),
+                        top.display()
+                    ))
+                })?
+        }
+    };
+    let reader = Chain::new().open_qcow2(top, true)?;
+    let (base_path, base_format) = &chain[depth];
+    let target = Chain::new().open(base_path, false, *base_format)?;
+    copy_above(&reader, target.as_ref(), depth as u32)?;
+    target.flush()?;
+    drop(reader);
+    if !keep && depth == 1 {
+        Chain::without_backing()
+            .open_qcow2(top, false)?
+            .make_empty()?;
+    }
+    Ok(())
+}
+
+/// The files of `top`'s backing chain with their formats, `top` first.
+fn backing_chain(top: &Path) -> Result<Vec<(PathBuf, Option<Format>)>> {
+    let mut chain = vec![(top.to_path_buf(), Some(Format::Qcow2))];
+    let mut seen = Chain::without_backing();
+    loop {
+        let (path, format) = chain.last().cloned().expect("chain starts with top");
+        let format = match format {
+            Some(f) => f,
+            None => crate::image::probe(&path)?,
+        };
+        if format != Format::Qcow2 {
+            return Ok(chain);
+        }
+        let header = seen.open_qcow2(&path, true)?.header();
+        let Some(name) = header.backing_file else {
+            return Ok(chain);
+        };
+        let fmt = header
+            .backing_format
+            .as_deref()
+            .map(str::parse::<Format>)
+            .transpose()?;
+        chain.push((resolve_backing(&path, &name), fmt));
+    }
+}
+
+/// Writes into `target` every range that the layers of `reader`'s chain
+/// above `depth` decide (data or zeroes).
+fn copy_above(reader: &dyn BlockDevice, target: &dyn BlockDevice, depth: u32) -> Result<()> {
     let size = reader.size().min(target.size());
     let mut buf = vec![0u8; CHUNK as usize];
     let mut at = 0;
     while at < size {
-        let (alloc, n) = reader.block_status(at, (size - at).min(CHUNK))?;
-        match alloc {
-            Allocation::Unallocated => {}
-            Allocation::Zero => target.write_zeroes(at, n)?,
-            Allocation::Data { .. } => {
-                reader.read_at(&mut buf[..n as usize], at)?;
-                target.write_at(&buf[..n as usize], at)?;
+        let s = chain_status(reader, at, (size - at).min(CHUNK))?;
+        let n = s.len;
+        if s.depth < depth {
+            match s.alloc {
+                Allocation::Unallocated => {}
+                Allocation::Zero => target.write_zeroes(at, n)?,
+                Allocation::Data { .. } => {
+                    reader.read_at(&mut buf[..n as usize], at)?;
+                    target.write_at(&buf[..n as usize], at)?;
+                }
             }
         }
         at += n;
-    }
-    target.flush()?;
-    drop(reader);
-    if !keep {
-        Chain::without_backing()
-            .open_qcow2(top, false)?
-            .make_empty()?;
     }
     Ok(())
 }

@@ -2,12 +2,14 @@
 //! ranges sparse and compressing clusters on several threads.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, sync_channel};
+
+mod pipeline;
 
 use super::chain_status;
-use crate::block::BlockDevice;
-use crate::compress;
+use crate::block::{Allocation, BlockDevice};
 use crate::error::{Error, Result};
-use crate::image::{Chain, Format};
+use crate::image::{probe, resolve_backing, Chain, Format};
 use crate::qcow2::create::{create, CreateOptions};
 use crate::qcow2::Qcow2;
 use crate::raw::Raw;
@@ -23,10 +25,19 @@ pub struct ConvertOptions {
     /// Zero runs of at least this many bytes (aligned) are not written; 0
     /// writes everything.
     pub min_sparse: u64,
-    /// Compression threads.
+    /// Compression threads (`-m`).
     pub threads: usize,
+    /// Compressed clusters may be written in the order they are ready
+    /// rather than in guest order (`-W`).
+    pub out_of_order: bool,
     /// Write into an existing target (`-n`).
     pub no_create: bool,
+    /// A backing file for the qcow2 target (`-B`, with `-F`'s format):
+    /// only what the source's top image holds is copied.
+    pub backing: Option<(String, Option<Format>)>,
+    /// fdatasync the target at the end. qemu-img's default target cache
+    /// mode (`-t unsafe`) does not; any other `-t` mode does.
+    pub flush: bool,
 }
 
 impl Default for ConvertOptions {
@@ -37,7 +48,10 @@ impl Default for ConvertOptions {
             compress: false,
             min_sparse: 4096,
             threads: 8,
+            out_of_order: false,
             no_create: false,
+            backing: None,
+            flush: false,
         }
     }
 }
@@ -46,6 +60,17 @@ impl Default for ConvertOptions {
 struct Concat {
     parts: Vec<(u64, Box<dyn BlockDevice>)>,
     size: u64,
+    /// Only the top image's own ranges count as data (`-B`).
+    top_only: bool,
+}
+
+/// What a range of the source holds, for the copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Extent {
+    Data,
+    Zero,
+    /// Not in the source's top image: left to the target's backing file.
+    Backing,
 }
 
 impl Concat {
@@ -56,11 +81,31 @@ impl Concat {
     }
 
     /// Guest bytes at `offset` that lie in one source and have one status.
-    fn status(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+    fn status(&self, offset: u64, len: u64) -> Result<(Extent, u64)> {
         let (dev, at) = self.part(offset);
         let len = len.min(dev.size() - at);
+        if self.top_only {
+            let (alloc, n) = dev.block_status(at, len)?;
+            let kind = match alloc {
+                Allocation::Unallocated => Extent::Backing,
+                Allocation::Zero => Extent::Zero,
+                Allocation::Data { .. } => Extent::Data,
+            };
+            return Ok((kind, n.min(len)));
+        }
         let s = chain_status(dev, at, len)?;
-        Ok((s.reads_zero(), s.len))
+        let kind = if s.reads_zero() {
+            Extent::Zero
+        } else {
+            Extent::Data
+        };
+        Ok((kind, s.len))
+    }
+
+    /// Whether zeroes must be written rather than left as holes: into an
+    /// existing target (`-n`) or over a backing file (`-B`).
+    fn explicit_zeroes(&self, opts: &ConvertOptions) -> bool {
+        opts.no_create || self.top_only
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -92,7 +137,12 @@ pub fn convert(
         size += n;
     }
     parts.retain(|(_, d)| d.size() > 0);
-    let src = Concat { parts, size };
+    check_backing(sources, dest, opts)?;
+    let src = Concat {
+        parts,
+        size,
+        top_only: opts.backing.is_some(),
+    };
     if !opts.no_create {
         create_target(dest, opts, size)?;
     }
@@ -103,16 +153,52 @@ pub fn convert(
     result
 }
 
+/// `-B` as qemu-img allows it: one source, an uncompressed qcow2 target.
+fn check_backing(
+    sources: &[(PathBuf, Option<Format>)],
+    dest: &Path,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    if opts.backing.is_none() {
+        return Ok(());
+    }
+    if sources.len() > 1 {
+        return Err(Error::Usage(
+            "Specifying backing image makes no sense when concatenating multiple input images"
+                .into(),
+        ));
+    }
+    if opts.out_format != Format::Qcow2 {
+        return Err(Error::Usage(format!(
+            "Backing file not supported for file format '{}'",
+            opts.out_format.name()
+        )));
+    }
+    if opts.compress {
+        return Err(Error::Unsupported {
+            path: dest.into(),
+            what: "compressed conversion (-c) onto a backing file (-B)".into(),
+        });
+    }
+    Ok(())
+}
+
 fn create_target(dest: &Path, opts: &ConvertOptions, size: u64) -> Result<()> {
+    let mut create_opts = CreateOptions {
+        size,
+        ..opts.create.clone()
+    };
+    if let Some((name, format)) = &opts.backing {
+        let format = match format {
+            Some(f) => *f,
+            None => probe(&resolve_backing(dest, name))?,
+        };
+        create_opts.backing_file = Some(name.clone());
+        create_opts.backing_format = Some(format.name().to_string());
+    }
     match opts.out_format {
         Format::Raw => Raw::create(dest, size),
-        Format::Qcow2 => create(
-            dest,
-            &CreateOptions {
-                size,
-                ..opts.create.clone()
-            },
-        ),
+        Format::Qcow2 => create(dest, &create_opts),
         Format::Vmdk => Err(Error::Unsupported {
             path: dest.into(),
             what: "writing VMDK images".into(),
@@ -153,59 +239,126 @@ fn copy(
         )));
     }
     progress(0.0);
-    let mut at = 0;
-    while at < src.size {
-        let n = (src.size - at).min(CHUNK);
-        match &target {
-            Target::Compressed(q) => copy_compressed(src, q, at, n, opts)?,
-            Target::Plain(d) => copy_chunk(src, d.as_ref(), at, n, opts)?,
-        }
-        at += n;
-        progress(at as f64 * 100.0 / src.size as f64);
+    match &target {
+        Target::Compressed(q) => pipeline::copy_compressed(src, q, opts, progress)?,
+        Target::Plain(d) => copy_plain(src, d.as_ref(), opts, progress)?,
     }
-    dev.flush()
-}
-
-fn copy_chunk(
-    src: &Concat,
-    dst: &dyn BlockDevice,
-    start: u64,
-    len: u64,
-    opts: &ConvertOptions,
-) -> Result<()> {
-    let mut at = start;
-    let end = start + len;
-    let mut buf = vec![0u8; len as usize];
-    while at < end {
-        let (zero, n) = src.status(at, end - at)?;
-        if zero {
-            if opts.no_create {
-                dst.write_zeroes(at, n)?;
-            }
-        } else {
-            let data = &mut buf[..n as usize];
-            src.read(data, at)?;
-            write_sparse(dst, data, at, opts)?;
-        }
-        at += n;
+    if opts.flush {
+        dev.flush()?;
     }
     Ok(())
 }
 
-/// Writes `data`, skipping aligned zero runs of at least `min_sparse`.
+/// One chunk of the source as read: its extents (offset, length, whether
+/// it reads as zeroes) and the data of those that do not.
+struct Chunk {
+    start: u64,
+    extents: Vec<(u64, u64, Extent)>,
+    buf: Vec<u8>,
+}
+
+/// Copies through the trait with reading and writing on two threads, so
+/// that both copies (source to buffer, buffer to target) run at once.
+fn copy_plain(
+    src: &Concat,
+    dst: &dyn BlockDevice,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
+    const BUFFERS: usize = 3;
+    let (full_tx, full_rx) = sync_channel::<Chunk>(BUFFERS);
+    let (free_tx, free_rx) = channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        let _ = free_tx.send(vec![0u8; CHUNK as usize]);
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<()> {
+            for chunk in full_rx {
+                write_chunk(dst, &chunk, opts, src.explicit_zeroes(opts))?;
+                let _ = free_tx.send(chunk.buf);
+            }
+            Ok(())
+        });
+        let read = (|| {
+            let mut at = 0;
+            while at < src.size {
+                let n = (src.size - at).min(CHUNK);
+                // Either fails only when the writer stopped; it says why.
+                let Ok(buf) = free_rx.recv() else {
+                    return Ok(());
+                };
+                if full_tx.send(read_chunk(src, at, n, buf)?).is_err() {
+                    return Ok(());
+                }
+                at += n;
+                progress(at as f64 * 100.0 / src.size as f64);
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Usage("the convert writer thread panicked".into())));
+        read.and(written)
+    })
+}
+
+fn read_chunk(src: &Concat, start: u64, len: u64, mut buf: Vec<u8>) -> Result<Chunk> {
+    let mut extents = Vec::new();
+    let mut at = start;
+    while at < start + len {
+        let (kind, n) = src.status(at, start + len - at)?;
+        if kind == Extent::Data {
+            let i = (at - start) as usize;
+            src.read(&mut buf[i..i + n as usize], at)?;
+        }
+        extents.push((at, n, kind));
+        at += n;
+    }
+    Ok(Chunk {
+        start,
+        extents,
+        buf,
+    })
+}
+
+fn write_chunk(
+    dst: &dyn BlockDevice,
+    chunk: &Chunk,
+    opts: &ConvertOptions,
+    explicit_zeroes: bool,
+) -> Result<()> {
+    for &(at, n, kind) in &chunk.extents {
+        match kind {
+            Extent::Backing => {}
+            Extent::Zero if explicit_zeroes => dst.write_zeroes(at, n)?,
+            Extent::Zero => {}
+            Extent::Data => {
+                let i = (at - chunk.start) as usize;
+                let data = &chunk.buf[i..i + n as usize];
+                write_sparse(dst, data, at, opts.min_sparse, explicit_zeroes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data`, skipping aligned zero runs of at least `min_sparse`
+/// (or writing them as zeroes, where `explicit_zeroes`).
 fn write_sparse(
     dst: &dyn BlockDevice,
     data: &[u8],
     offset: u64,
-    opts: &ConvertOptions,
+    min_sparse: u64,
+    explicit_zeroes: bool,
 ) -> Result<()> {
-    let block = opts.min_sparse as usize;
+    let block = min_sparse as usize;
     if block == 0 {
         return dst.write_at(data, offset);
     }
     let mut i = 0;
     while i < data.len() {
-        let zero = |j: usize| data[j..(j + block).min(data.len())].iter().all(|&b| b == 0);
+        let zero = |j: usize| is_zero(&data[j..(j + block).min(data.len())]);
         let kind = zero(i);
         let mut j = i + block;
         while j < data.len() && zero(j) == kind {
@@ -214,7 +367,7 @@ fn write_sparse(
         let j = j.min(data.len());
         if !kind {
             dst.write_at(&data[i..j], offset + i as u64)?;
-        } else if opts.no_create {
+        } else if explicit_zeroes {
             dst.write_zeroes(offset + i as u64, (j - i) as u64)?;
         }
         i = j;
@@ -222,64 +375,9 @@ fn write_sparse(
     Ok(())
 }
 
-/// Compresses each non-zero cluster of the chunk on `opts.threads`
-/// threads, then stores them in order.
-fn copy_compressed(
-    src: &Concat,
-    q: &Qcow2,
-    start: u64,
-    len: u64,
-    opts: &ConvertOptions,
-) -> Result<()> {
-    let cs = q.cluster_size();
-    let mut buf = vec![0u8; len.div_ceil(cs) as usize * cs as usize];
-    let mut at = start;
-    while at < start + len {
-        let (zero, n) = src.status(at, start + len - at)?;
-        if !zero {
-            let i = (at - start) as usize;
-            src.read(&mut buf[i..i + n as usize], at)?;
-        }
-        at += n;
-    }
-    let kind = q.compression();
-    let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
-    let threads = opts.threads.clamp(1, clusters.len().max(1));
-    let per = clusters.len().div_ceil(threads);
-    let packed: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = clusters
-            .chunks(per)
-            .map(|group| {
-                s.spawn(move || {
-                    group
-                        .iter()
-                        .map(|c| {
-                            if c.iter().all(|&b| b == 0) {
-                                None
-                            } else {
-                                Some(compress::compress(kind, c).ok_or(*c))
-                            }
-                        })
-                        .map(|r| r.map(|v| v.unwrap_or_else(|raw| raw.to_vec())))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    for (i, c) in packed.into_iter().enumerate() {
-        let guest = start + i as u64 * cs;
-        match c {
-            None if opts.no_create => q.write_zeroes(guest, cs.min(q.size() - guest))?,
-            None => {}
-            Some(data) if data.len() as u64 == cs => {
-                q.write_at(&data[..cs.min(q.size() - guest) as usize], guest)?
-            }
-            Some(data) => q.write_compressed(guest, &data)?,
-        }
-    }
-    Ok(())
+/// Whether `buf` is all zero bytes. ORs 256-byte blocks (which the
+/// compiler vectorises) and stops at the first block that is not zero.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(256)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }

@@ -15,7 +15,6 @@ pub mod header;
 pub mod refcount;
 pub mod snapshot;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -24,6 +23,7 @@ use crate::compress;
 use crate::disk::{be64_at, Disk};
 use crate::error::{corrupt, invalid, Error, Result};
 use crate::image::Chain;
+use crate::offset_map::OffsetMap;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use refcount::Refcounts;
 
@@ -52,7 +52,7 @@ pub struct State {
     pub header: Header,
     pub l1: Vec<u64>,
     pub refs: Refcounts,
-    l2_cache: Mutex<HashMap<u64, Vec<u64>>>,
+    l2_cache: Mutex<OffsetMap<Vec<u64>>>,
     /// Where the next compressed cluster may go (0: start a new cluster).
     compressed_end: u64,
 }
@@ -119,7 +119,7 @@ impl Qcow2 {
                 header,
                 l1,
                 refs,
-                l2_cache: Mutex::new(HashMap::new()),
+                l2_cache: Mutex::new(OffsetMap::default()),
                 compressed_end: 0,
             }),
             disk,
@@ -341,7 +341,13 @@ impl Qcow2 {
             match map {
                 Map::Unallocated => self.read_backing(chunk, g)?,
                 Map::Zero => chunk.fill(0),
-                Map::Data(host) => self.disk.read_data(chunk, host)?,
+                Map::Data(host) => {
+                    let run = self.data_run(st, host, g, n, (buf.len() - done) as u64)?;
+                    self.disk
+                        .read_data(&mut buf[done..done + run as usize], host)?;
+                    done += run as usize;
+                    continue;
+                }
                 Map::Compressed(e) => {
                     let cl = self.read_compressed(e)?;
                     let at = (g % self.cluster_size()) as usize;
@@ -351,6 +357,21 @@ impl Qcow2 {
             done += n as usize;
         }
         Ok(())
+    }
+
+    /// How many of the `len` bytes at `guest` (the first `n` of them
+    /// stored at `host`) are stored contiguously from `host`, so that one
+    /// pread serves a run of clusters.
+    fn data_run(&self, st: &State, host: u64, guest: u64, n: u64, len: u64) -> Result<u64> {
+        let mut run = n;
+        while run < len {
+            let (map, m) = self.map(st, guest + run, len - run)?;
+            if map != Map::Data(host + run) {
+                break;
+            }
+            run += m;
+        }
+        Ok(run)
     }
 
     fn check_range(&self, st: &State, offset: u64, len: u64) -> Result<()> {
@@ -452,22 +473,34 @@ impl Qcow2 {
     }
 
     fn set_slot(&self, st: &State, slot: &Slot, entry: u64, bitmap: u64) -> Result<()> {
+        self.set_slots(st, slot.l2_offset, slot.index, &[(entry, bitmap)])
+    }
+
+    /// Sets consecutive L2 entries (entry, extended-L2 bitmap) from `first`
+    /// with one write.
+    fn set_slots(
+        &self,
+        st: &State,
+        l2_offset: u64,
+        first: usize,
+        entries: &[(u64, u64)],
+    ) -> Result<()> {
         let words = if self.ext_l2 { 2 } else { 1 };
-        self.with_l2(st, slot.l2_offset, |_| ())?;
+        self.with_l2(st, l2_offset, |_| ())?;
         let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let table = cache
-            .get_mut(&slot.l2_offset)
-            .expect("L2 table loaded above");
-        table[slot.index * words] = entry;
-        let mut raw = entry.to_be_bytes().to_vec();
-        if self.ext_l2 {
-            table[slot.index * words + 1] = bitmap;
-            raw.extend_from_slice(&bitmap.to_be_bytes());
+        let table = cache.get_mut(&l2_offset).expect("L2 table loaded above");
+        let mut raw = Vec::with_capacity(entries.len() * words * 8);
+        for (i, &(entry, bitmap)) in entries.iter().enumerate() {
+            let at = (first + i) * words;
+            table[at] = entry;
+            raw.extend_from_slice(&entry.to_be_bytes());
+            if self.ext_l2 {
+                table[at + 1] = bitmap;
+                raw.extend_from_slice(&bitmap.to_be_bytes());
+            }
         }
-        self.disk.write(
-            &raw,
-            slot.l2_offset + slot.index as u64 * self.l2_entry_size(),
-        )
+        self.disk
+            .write(&raw, l2_offset + first as u64 * self.l2_entry_size())
     }
 
     /// Drops this image's reference to what an old L2 entry pointed at.
@@ -494,6 +527,9 @@ impl Qcow2 {
         if self.in_place(&slot, in_cl, data.len() as u64) {
             return self.disk.write(data, (slot.entry & OFFSET_MASK) + in_cl);
         }
+        if self.ext_l2 && self.write_subclusters(st, &slot, data, guest)? {
+            return Ok(());
+        }
         let start = guest - in_cl;
         let mut cluster = vec![0u8; cs as usize];
         if (data.len() as u64) < cs {
@@ -502,7 +538,7 @@ impl Qcow2 {
         }
         cluster[in_cl as usize..in_cl as usize + data.len()].copy_from_slice(data);
         let e = slot.entry;
-        let owned = e & COPIED != 0 && e & COMPRESSED == 0 && e & OFFSET_MASK != 0;
+        let owned = owned(e);
         let host = if owned {
             e & OFFSET_MASK
         } else {
@@ -517,16 +553,99 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Extended L2: writes only the subclusters `data` touches (their
+    /// untouched edges filled from what they read as now), allocating the
+    /// host cluster if there is none; the other subclusters keep their
+    /// state, so unallocated ones still read from the backing file. False
+    /// (nothing written) where the whole cluster must be rebuilt: it is
+    /// compressed or shared with a snapshot.
+    fn write_subclusters(
+        &self,
+        st: &mut State,
+        slot: &Slot,
+        data: &[u8],
+        guest: u64,
+    ) -> Result<bool> {
+        let e = slot.entry;
+        let old_host = e & OFFSET_MASK;
+        if e & COMPRESSED != 0 || (old_host != 0 && !owned(e)) {
+            return Ok(false);
+        }
+        let cs = self.cluster_size();
+        let sc = cs / 32;
+        let in_cl = guest % cs;
+        let cluster = guest - in_cl;
+        let (first, last) = (in_cl / sc, (in_cl + data.len() as u64 - 1) / sc);
+        let start = first * sc;
+        let end = ((last + 1) * sc).min(st.header.size - cluster);
+        let mut buf = vec![0u8; (end - start) as usize];
+        if in_cl > start || in_cl + (data.len() as u64) < end {
+            self.read_locked(st, &mut buf, cluster + start)?;
+        }
+        let at = (in_cl - start) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        let host = if old_host != 0 {
+            old_host
+        } else {
+            st.refs.alloc(&self.disk, 1)? * cs
+        };
+        self.disk.write(&buf, host + start)?;
+        let touched = ((1u64 << (last - first + 1)) - 1) << first;
+        let bitmap = (slot.bitmap | touched) & !(touched << 32);
+        self.set_slot(st, slot, host | COPIED, bitmap)?;
+        Ok(true)
+    }
+
     fn write_locked(&self, st: &mut State, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
             let g = offset + done as u64;
+            if g.is_multiple_of(cs) && (buf.len() - done) as u64 >= cs {
+                let n = self.write_new_clusters(st, &buf[done..], g)?;
+                if n > 0 {
+                    done += n;
+                    continue;
+                }
+            }
             let n = ((buf.len() - done) as u64).min(cs - g % cs) as usize;
             self.write_cluster(st, &buf[done..done + n], g)?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes whole clusters from `guest` (cluster aligned) that all need
+    /// a new host cluster, as one run: one allocation, one data write, one
+    /// L2 write. Returns the bytes written (0: the first cluster is owned
+    /// already, or `data` holds no whole cluster).
+    fn write_new_clusters(&self, st: &mut State, data: &[u8], guest: u64) -> Result<usize> {
+        let cs = self.cluster_size();
+        let slot = self.slot_for_write(st, guest)?;
+        let per_table = (cs / self.l2_entry_size()) as usize;
+        let max = (data.len() / cs as usize).min(per_table - slot.index);
+        let words = if self.ext_l2 { 2 } else { 1 };
+        let old: Vec<u64> = self.with_l2(st, slot.l2_offset, |t| {
+            (slot.index..slot.index + max)
+                .map(|i| t[i * words])
+                .take_while(|&e| !owned(e))
+                .collect()
+        })?;
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let n = old.len();
+        let host = st.refs.alloc(&self.disk, n as u64)? * cs;
+        self.disk.write(&data[..n * cs as usize], host)?;
+        let bitmap = if self.ext_l2 { ALL_ALLOCATED } else { 0 };
+        let entries: Vec<(u64, u64)> = (0..n as u64)
+            .map(|i| ((host + i * cs) | COPIED, bitmap))
+            .collect();
+        self.set_slots(st, slot.l2_offset, slot.index, &entries)?;
+        for e in old {
+            self.release(st, e)?;
+        }
+        Ok(n * cs as usize)
     }
 
     /// Calls `f` with each cluster-sized piece of a range: (guest offset,
@@ -821,6 +940,12 @@ impl BlockDevice for Qcow2 {
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
     }
+}
+
+/// Whether an L2 entry points at a data cluster this image alone holds
+/// (so it may be written in place).
+fn owned(entry: u64) -> bool {
+    entry & COPIED != 0 && entry & COMPRESSED == 0 && entry & OFFSET_MASK != 0
 }
 
 /// Checks that a create or resize size fits the format.

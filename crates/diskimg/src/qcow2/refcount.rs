@@ -3,10 +3,9 @@
 //! through at once, entry by entry, so metadata order on disk is the order
 //! of the calls.
 
-use std::collections::HashMap;
-
 use crate::disk::{be64_at, Disk};
 use crate::error::{corrupt, Result};
+use crate::offset_map::OffsetMap;
 
 const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -15,7 +14,7 @@ pub struct Refcounts {
     cluster_bits: u32,
     pub table: Vec<u64>,
     pub table_offset: u64,
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: OffsetMap<Vec<u8>>,
     free_hint: u64,
 }
 
@@ -69,7 +68,7 @@ impl Refcounts {
             cluster_bits,
             table,
             table_offset: offset,
-            blocks: HashMap::new(),
+            blocks: OffsetMap::default(),
             free_hint: 0,
         })
     }
@@ -170,6 +169,34 @@ impl Refcounts {
         self.set(disk, cluster, new)
     }
 
+    /// Sets the refcounts of `n` clusters from `start`, whose refcount
+    /// blocks exist, with one write per block.
+    fn set_run(&mut self, disk: &Disk, start: u64, n: u64, value: u64) -> Result<()> {
+        let per = self.per_block();
+        let order = self.order;
+        let mut c = start;
+        while c < start + n {
+            let t = c / per;
+            let end = (start + n).min((t + 1) * per);
+            let Some(off) = self.block(disk, t as usize)? else {
+                return Err(corrupt(
+                    &disk.path,
+                    format!("refcount block {t} vanished while allocating cluster {c}"),
+                ));
+            };
+            let block = self.blocks.get_mut(&off).expect("block was just loaded");
+            let first = set_entry(block, order, c % per, value);
+            let last = set_entry(block, order, (end - 1) % per, value);
+            for i in c + 1..end - 1 {
+                set_entry(block, order, i % per, value);
+            }
+            let changed = first.start..last.end;
+            disk.write(&block[changed.clone()], off + changed.start as u64)?;
+            c = end;
+        }
+        Ok(())
+    }
+
     /// Finds `n` contiguous free clusters at or after the hint.
     fn find_free(&mut self, disk: &Disk, n: u64) -> Result<u64> {
         let mut c = self.free_hint.max(1);
@@ -204,9 +231,7 @@ impl Refcounts {
             if created {
                 continue;
             }
-            for c in start..start + n {
-                self.set(disk, c, 1)?;
-            }
+            self.set_run(disk, start, n, 1)?;
             self.free_hint = start + n;
             return Ok(start);
         }
