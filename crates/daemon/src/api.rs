@@ -136,6 +136,7 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/version", get(version))
         .route("/v1/domains", get(list).post(define))
         .route("/v1/run", post(run))
+        .route("/v1/restore", post(restore))
         .route("/v1/domains/{name}", get(info).delete(undefine))
         .route("/v1/domains/{name}/state", get(state))
         .route("/v1/domains/{name}/config", get(config))
@@ -148,6 +149,8 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/domains/{name}/vcpupin", get(vcpupin).put(set_vcpupin))
         .route("/v1/domains/{name}/console", post(console))
         .route("/v1/domains/{name}/sizing", put(set_sizing))
+        .route("/v1/domains/{name}/save", post(save))
+        .route("/v1/domains/{name}/managedsave", post(managed_save))
         .route(
             "/v1/domains/{name}/blkiotune",
             get(blkiotune).put(set_blkiotune),
@@ -458,6 +461,30 @@ async fn domifstat(
     Path((name, interface)): Path<(String, String)>,
 ) -> ApiResult {
     ok(m.domifstat(&name, &interface).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRequest {
+    /// An absolute path on the daemon's host.
+    file: std::path::PathBuf,
+}
+
+async fn save(State(m): State<Manager>, Path(name): Path<String>, bytes: Bytes) -> ApiResult {
+    let req: FileRequest = body(&bytes)?;
+    m.save(&name, &req.file).await?;
+    ok(m.state(&name)?)
+}
+
+async fn managed_save(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    m.managed_save(&name).await?;
+    ok(m.state(&name)?)
+}
+
+async fn restore(State(m): State<Manager>, bytes: Bytes) -> ApiResult {
+    let req: FileRequest = body(&bytes)?;
+    let name = m.restore(&req.file).await?;
+    ok(m.info(&name)?)
 }
 
 async fn set_sizing(

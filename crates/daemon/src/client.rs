@@ -164,6 +164,31 @@ impl Client {
         .await
     }
 
+    /// virsh save: the state to `file` (absolute), the domain shut off.
+    pub async fn save(&self, name: &str, file: &Path) -> Result<StateInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/save", seg(name)),
+            Some(json!({ "file": file })),
+        )
+        .await
+    }
+
+    pub async fn managed_save(&self, name: &str) -> Result<StateInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/managedsave", seg(name)),
+            None,
+        )
+        .await
+    }
+
+    /// virsh restore: runs the domain saved in `file` again.
+    pub async fn restore(&self, file: &Path) -> Result<DomainInfo, ClientError> {
+        self.call(Method::POST, "/v1/restore", Some(json!({ "file": file })))
+            .await
+    }
+
     pub async fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
         self.call(
             Method::GET,

@@ -52,6 +52,10 @@ pub enum Reason {
     Destroyed,
     /// Never started since it was defined or since the daemon started.
     Unknown,
+    /// Shut off by save or managedsave (its state is in a file).
+    Saved,
+    /// Running from a saved state (restore, or start after managedsave).
+    Restored,
     /// Crashed: the kernel's OOM killer killed the VMM.
     Oom,
     /// Crashed: the VMM died of a signal nobody here sent.
@@ -69,6 +73,8 @@ impl fmt::Display for Reason {
             Reason::Shutdown => f.write_str("shutdown"),
             Reason::Destroyed => f.write_str("destroyed"),
             Reason::Unknown => f.write_str("unknown"),
+            Reason::Saved => f.write_str("saved"),
+            Reason::Restored => f.write_str("restored"),
             Reason::Oom => f.write_str("oom"),
             Reason::Signal(n) => write!(f, "signal {n}"),
             Reason::VmmError(msg) => write!(f, "vmm error: {msg}"),

@@ -14,6 +14,7 @@ pub mod manager;
 mod network;
 pub mod paths;
 pub mod run_spec;
+pub mod save;
 pub mod server;
 pub mod settings;
 pub mod snapshot;

@@ -43,6 +43,8 @@ pub struct ManagerOptions {
 pub(crate) enum StopRequest {
     Shutdown,
     Destroy,
+    /// save / managedsave: the state went to a file first.
+    Save,
 }
 
 /// A running (or paused) domain's process.
@@ -100,6 +102,9 @@ pub struct DomainInfo {
     pub exit_code: Option<i32>,
     pub console_log: PathBuf,
     pub cgroups: Vec<PathBuf>,
+    /// A managedsave state waits for the next start.
+    #[serde(default)]
+    pub managed_save: bool,
 }
 
 /// `domstate --reason`.
@@ -237,6 +242,7 @@ impl Manager {
                 exit_code: d.exit_code,
                 console_log: self.paths().console_log(name),
                 cgroups: Vec::new(),
+                managed_save: self.paths().managed_save(name).exists(),
             };
             Ok((info, d.live.as_ref().and_then(|l| l.cgroup.clone())))
         })?;
@@ -317,6 +323,7 @@ impl Manager {
         let path = self.paths().definition(name);
         std::fs::remove_file(&path).map_err(|source| ManagerError::Io { path, source })?;
         remove_if_exists(&self.paths().autostart_mark(name));
+        remove_if_exists(&self.paths().managed_save(name));
         self.forget_snapshots(name);
         let mut table = self.table();
         if remove {
@@ -364,6 +371,22 @@ impl Manager {
     }
 
     async fn start_locked(&self, name: &str) -> Result<(), ManagerError> {
+        let managed = self.paths().managed_save(name);
+        let incoming = managed.exists().then_some(managed.as_path());
+        self.start_from(name, incoming).await?;
+        if incoming.is_some() {
+            // Restored: the state is consumed (libvirt's managed save too).
+            remove_if_exists(&managed);
+        }
+        Ok(())
+    }
+
+    /// Starts a defined domain, booting or (with `incoming`) restoring.
+    pub(crate) async fn start_from(
+        &self,
+        name: &str,
+        incoming: Option<&Path>,
+    ) -> Result<(), ManagerError> {
         let def = self.with(name, |d| {
             if d.state.is_active() {
                 return Err(ManagerError::InvalidState {
@@ -377,18 +400,37 @@ impl Manager {
         })?;
         def.validate()?;
         let persistent = self.with(name, |d| Ok(d.persistent))?;
-        let (live, waiter) = supervise::launch(&self.0.opts, &def, persistent).await?;
+        let (live, waiter) = supervise::launch(&self.0.opts, &def, persistent, incoming).await?;
         let pid = live.record.pid;
         self.with(name, |d| {
             d.state = State::Running;
-            d.reason = Reason::Booted;
+            d.reason = match incoming {
+                Some(_) => Reason::Restored,
+                None => Reason::Booted,
+            };
             d.exit_code = None;
             d.live = Some(live);
             Ok(())
         })?;
         supervise::watch(self.clone(), name.to_owned(), pid, waiter);
-        tracing::info!(domain = name, pid, "started");
+        tracing::info!(domain = name, pid, restored = incoming.is_some(), "started");
         Ok(())
+    }
+
+    /// Adds a transient, shut-off domain (restore of an unknown one).
+    pub(crate) fn insert_transient(&self, def: DomainDef) {
+        self.table().insert(def.name.clone(), inactive(def, false));
+    }
+
+    /// Drops a transient domain that never ran.
+    pub(crate) fn forget(&self, name: &str) {
+        let mut table = self.table();
+        if table
+            .get(name)
+            .is_some_and(|d| !d.persistent && d.live.is_none())
+        {
+            table.remove(name);
+        }
     }
 
     /// Asks the guest to power off, then quits the VMM after `timeout`.
@@ -422,7 +464,7 @@ impl Manager {
         self.expect_exit(name, live.record.pid, "destroy").await
     }
 
-    fn request_stop(
+    pub(crate) fn request_stop(
         &self,
         name: &str,
         request: StopRequest,
@@ -458,7 +500,7 @@ impl Manager {
         !self.is_live_pid(name, pid)
     }
 
-    async fn expect_exit(
+    pub(crate) async fn expect_exit(
         &self,
         name: &str,
         pid: u32,

@@ -90,6 +90,11 @@ impl Paths {
         self.state_dir.join("log")
     }
 
+    /// A domain's managed save (managedsave; the next start restores it).
+    pub fn managed_save(&self, name: &str) -> PathBuf {
+        self.state_dir.join("save").join(format!("{name}.state"))
+    }
+
     /// The guest's serial output.
     pub fn console_log(&self, name: &str) -> PathBuf {
         self.log_dir().join(format!("{name}.log"))

@@ -50,7 +50,13 @@ pub(crate) fn serial_socket(run_dir: &Path) -> PathBuf {
 }
 
 /// The `oxvirt vmm` arguments for a definition whose NICs got `taps`.
-pub fn vmm_args(def: &DomainDef, run_dir: &Path, taps: &[String]) -> Vec<String> {
+/// `incoming`: a saved state to restore instead of booting.
+pub fn vmm_args(
+    def: &DomainDef,
+    run_dir: &Path,
+    taps: &[String],
+    incoming: Option<&Path>,
+) -> Vec<String> {
     let mut args = vec![
         "vmm".to_owned(),
         "--kernel".to_owned(),
@@ -82,6 +88,9 @@ pub fn vmm_args(def: &DomainDef, run_dir: &Path, taps: &[String]) -> Vec<String>
     if def.rng {
         args.push("--rng".to_owned());
     }
+    if let Some(state) = incoming {
+        args.extend(["--incoming".to_owned(), format!("file:{}", state.display())]);
+    }
     args
 }
 
@@ -91,6 +100,7 @@ pub(crate) async fn launch(
     opts: &ManagerOptions,
     def: &DomainDef,
     persistent: bool,
+    incoming: Option<&Path>,
 ) -> Result<(Live, Waiter), ManagerError> {
     let name = def.name.as_str();
     let paths = &opts.paths;
@@ -121,7 +131,14 @@ pub(crate) async fn launch(
     };
     let api = api_socket(&run_dir);
     let vmm_log_path = paths.vmm_log(name);
-    let spawned = spawn(opts, def, &run_dir, &taps, cgroup.as_ref(), &vmm_log_path);
+    let spawned = spawn(
+        opts,
+        def,
+        (&run_dir, incoming),
+        &taps,
+        cgroup.as_ref(),
+        &vmm_log_path,
+    );
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -133,7 +150,10 @@ pub(crate) async fn launch(
     let pid = child.id().unwrap_or_default();
     let start_ticks = process_start_ticks(pid).unwrap_or_default();
     let console_log = paths.console_log(name);
-    remove_if_exists(&console_log);
+    // A restored guest's console goes on in the same log.
+    if incoming.is_none() {
+        remove_if_exists(&console_log);
+    }
     let settled = async {
         let console =
             connect_console(def, &mut child, &run_dir, &console_log, &vmm_log_path).await?;
@@ -221,7 +241,7 @@ pub(crate) async fn reconnect_console(run_dir: &Path, console_log: &Path) -> Opt
 fn spawn(
     opts: &ManagerOptions,
     def: &DomainDef,
-    run_dir: &Path,
+    (run_dir, incoming): (&Path, Option<&Path>),
     taps: &[String],
     cgroup: Option<&DomainCgroup>,
     vmm_log_path: &Path,
@@ -240,7 +260,7 @@ fn spawn(
         .collect();
     let mut command = Command::new(&opts.vmm_binary);
     command
-        .args(vmm_args(def, run_dir, taps))
+        .args(vmm_args(def, run_dir, taps, incoming))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(vmm_log))
@@ -453,6 +473,7 @@ pub(crate) fn classify(live: &Live, exit: Exit, vmm_log: &Path) -> (State, Reaso
     match live.stop {
         Some(StopRequest::Destroy) => return (State::ShutOff, Reason::Destroyed),
         Some(StopRequest::Shutdown) => return (State::ShutOff, Reason::Shutdown),
+        Some(StopRequest::Save) => return (State::ShutOff, Reason::Saved),
         None => {}
     }
     let oom_kills = live

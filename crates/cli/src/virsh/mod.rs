@@ -88,6 +88,22 @@ pub struct SnapshotCreateArgs {
 }
 
 #[derive(clap::Args)]
+pub struct SaveArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Where the state goes (the definition goes beside it, FILE.domain.toml).
+    file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// A state file written by save.
+    file: PathBuf,
+}
+
+#[derive(clap::Args)]
 pub struct SnapshotArgs {
     #[command(flatten)]
     dom: Dom,
@@ -381,6 +397,12 @@ pub enum Verb {
     Domblkstat(DomblkstatArgs),
     /// Show a NIC's counters.
     Domifstat(DomifstatArgs),
+    /// Save a running domain's state to a file and stop it.
+    Save(SaveArgs),
+    /// Run a domain again from a state file written by save.
+    Restore(RestoreArgs),
+    /// Save a running domain's state for its next start, and stop it.
+    Managedsave(Dom),
     /// Take an internal snapshot of every disk of a shut-off domain.
     #[command(name = "snapshot-create-as")]
     SnapshotCreateAs(SnapshotCreateArgs),
@@ -480,6 +502,20 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Domifstat(a) => {
             let c = a.dom.connect.client()?;
             print::domifstat(&wait(c.domifstat(&a.dom.domain, &a.interface))?);
+        }
+        Verb::Save(a) => {
+            let file = std::path::absolute(&a.file).context("save file")?;
+            wait(a.dom.connect.client()?.save(&a.dom.domain, &file))?;
+            println!("Domain '{}' saved to {}", a.dom.domain, file.display());
+        }
+        Verb::Restore(a) => {
+            let file = std::path::absolute(&a.file).context("restore file")?;
+            let info = wait(a.connect.client()?.restore(&file))?;
+            println!("Domain '{}' restored from {}", info.name, file.display());
+        }
+        Verb::Managedsave(d) => {
+            wait(d.connect.client()?.managed_save(&d.domain))?;
+            println!("Domain '{}' state saved (managed save)", d.domain);
         }
         Verb::SnapshotCreateAs(a) => {
             let c = a.dom.connect.client()?;

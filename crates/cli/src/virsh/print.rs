@@ -55,6 +55,11 @@ pub fn dominfo(i: &DomainInfo) {
         if i.persistent { "yes" } else { "no" }
     );
     println!("{:<16}{}", "Autostart:", yes_no(i.autostart));
+    println!(
+        "{:<16}{}",
+        "Managed save:",
+        if i.managed_save { "yes" } else { "no" }
+    );
     if let Some(code) = i.exit_code {
         println!("{:<16}{}", "Exit status:", code);
     }
