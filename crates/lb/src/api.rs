@@ -313,26 +313,16 @@ fn route(r: &Request, shared: &Shared) -> Reply {
         ("GET", ["api", "upstreams", name, "servers"]) => json(servers(find(name)?)),
         ("GET", ["api", "upstreams", name, "servers", id]) => {
             let u = find(name)?;
-            let id = server_id(u, id)?;
-            let (p, state) = u
-                .statuses()
-                .into_iter()
-                .find(|(p, _)| p.id == id)
-                .ok_or_else(|| ApiError::NotFound(format!("server {id} in upstream \"{name}\"")))?;
+            let (p, state) = u.status_of(server_id(u, id)?)?;
             json(server_view(&p, state))
         }
         ("POST", ["api", "upstreams", name, "servers"]) => {
             let u = find(name)?;
             let (conf, down, drain) = body::<NewServer>(r)?.into_peer()?;
-            let peer = u.add(conf)?;
-            peer.admin_down.store(down, Ordering::Relaxed);
-            peer.draining.store(drain, Ordering::Relaxed);
+            let peer = u.add(conf, down, drain)?;
             tracing::info!(upstream = %u.name, server = %peer.conf.addr, id = peer.id, "server added through the API");
-            let state = u
-                .statuses()
-                .into_iter()
-                .find(|(p, _)| p.id == peer.id)
-                .map_or(PeerStatus::Up, |(_, s)| s);
+            // A DELETE racing in may have removed it again: report it as added.
+            let state = u.status_of(peer.id).map_or(PeerStatus::Up, |(_, s)| s);
             let view = serde_json::json!(server_view(&peer, state));
             Ok((CREATED, "application/json", view.to_string()))
         }

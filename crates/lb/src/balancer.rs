@@ -167,8 +167,10 @@ impl Upstream {
         }
     }
 
-    /// Adds a server at run time (the API's POST); it gets the next free id.
-    pub fn add(&self, conf: PeerConf) -> Result<Arc<Peer>, UpstreamError> {
+    /// Adds a server at run time (the API's POST), already down or draining
+    /// if asked, so no session reaches it before that holds; it gets the next
+    /// free id.
+    pub fn add(&self, conf: PeerConf, down: bool, drain: bool) -> Result<Arc<Peer>, UpstreamError> {
         if conf.weight == 0 {
             return Err(UpstreamError::ZeroWeight(self.name.clone()));
         }
@@ -176,7 +178,10 @@ impl Upstream {
             return Err(UpstreamError::BackupNeedsRoundRobin(self.name.clone()));
         }
         let mut peers = self.lock();
-        let peer = Arc::new(Peer::new(peers.next_id, &conf));
+        let peer = Peer::new(peers.next_id, &conf);
+        peer.admin_down.store(down, Ordering::Relaxed);
+        peer.draining.store(drain, Ordering::Relaxed);
+        let peer = Arc::new(peer);
         peers.next_id += 1;
         peers.state.push(PeerState {
             effective_weight: i64::from(conf.weight),
@@ -274,6 +279,15 @@ impl Upstream {
             }
         }
         st.effective_weight = st.effective_weight.max(0);
+    }
+
+    /// Server `id` with what the API shows for it.
+    pub fn status_of(&self, id: u64) -> Result<(Arc<Peer>, PeerStatus), UpstreamError> {
+        let peers = self.lock();
+        let i = (0..peers.list.len())
+            .find(|&i| peers.list[i].id == id)
+            .ok_or_else(|| self.no_such(id))?;
+        Ok((peers.list[i].clone(), peers.status(i, Instant::now())))
     }
 
     /// Every current peer with what the API shows for it.

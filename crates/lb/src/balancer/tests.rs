@@ -265,7 +265,7 @@ fn servers_added_and_removed_at_run_time() {
     let before: Vec<usize> = (0..8000)
         .map(|i| pick(&u, key(i).as_bytes(), &[]).unwrap())
         .collect();
-    let added = u.add(peer(8004, 1)).unwrap();
+    let added = u.add(peer(8004, 1), false, false).unwrap();
     assert_eq!(added.id, 3);
     let after: Vec<usize> = (0..8000)
         .map(|i| pick(&u, key(i).as_bytes(), &[]).unwrap())
@@ -288,11 +288,11 @@ fn servers_added_and_removed_at_run_time() {
     let mut backup = peer(9, 1);
     backup.backup = true;
     assert!(matches!(
-        u.add(backup),
+        u.add(backup, false, false),
         Err(UpstreamError::BackupNeedsRoundRobin(_))
     ));
     assert!(matches!(
-        u.add(peer(9, 0)),
+        u.add(peer(9, 0), false, false),
         Err(UpstreamError::ZeroWeight(_))
     ));
     // A removed peer's sessions still end cleanly.
