@@ -36,6 +36,7 @@ use crate::outgoing::{EventSender, MigrateCommandError, Outgoing, SharedVm};
 use crate::vcpus::VcpuFailureSink;
 use crate::virtio_devices::TuneError;
 use crate::vm::{Sinks, Vm};
+use crate::vm_state::IncomingMigration;
 
 /// Errors of a VMM run: set-up failures and fatal guest exits.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
     let (tx, rx) = mpsc::channel();
     let sink = Arc::new(EventSink(Mutex::new(tx.clone())));
     let console = Console::open(&config.serial)?;
+    let incoming = match &config.incoming {
+        Some(uri) => Some(IncomingMigration::open(uri).map_err(vm::VmError::from)?),
+        None => None,
+    };
     let api = match &config.api {
         Some(path) => {
             let tx = Mutex::new(tx);
@@ -130,6 +135,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
             failures: sink,
             throttle: control.clone(),
         },
+        incoming,
     )?;
     let vm = Arc::new(Mutex::new(vm));
     let emit: EventSender = match &api {

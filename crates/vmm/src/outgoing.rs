@@ -106,8 +106,14 @@ impl Outgoing {
         }
     }
 
+    /// A migration runs (its thread may outlive the final status a little).
     fn active(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        let running = self.thread.as_ref().is_some_and(|t| !t.is_finished());
+        let ended = matches!(
+            self.control.info().status,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        );
+        running && !ended
     }
 
     /// A migration completed: the guest runs elsewhere (QMP's postmigrate).
@@ -124,6 +130,10 @@ impl Outgoing {
     ) -> Result<(), MigrateCommandError> {
         if self.active() {
             return Err(MigrateCommandError::InProgress);
+        }
+        if let Some(previous) = self.thread.take() {
+            // Its status is final: it is only returning.
+            let _ = previous.join();
         }
         let uri: MigrationUri = (args.get("uri").and_then(Value::as_str))
             .ok_or_else(|| MigrateCommandError::Invalid("Parameter 'uri' is missing".into()))?
@@ -145,6 +155,7 @@ impl Outgoing {
         let (control, caps, params) = (self.control.clone(), self.caps, self.params);
         let completed = self.completed.clone();
         completed.store(false, Ordering::SeqCst);
+        control.begin();
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {

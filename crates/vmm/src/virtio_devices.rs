@@ -12,7 +12,7 @@ use devices::virtio::net::{Net, NetError, NetHandle, Tap};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::{MmioState, MmioTransport, TransportError, VirtioDevice};
 use devices::GuestMemory;
-use diskimg::Format;
+use diskimg::{BlockDevice, Format};
 use kvm_ioctls::VmFd;
 use serde_json::{json, Value};
 
@@ -161,6 +161,21 @@ impl VirtioDevices {
         Ok(())
     }
 
+    /// Opens every disk image again (a migration's destination, after the
+    /// stream: the source flushed what the guest wrote there).
+    pub fn reopen_disks(&self) -> Result<(), VirtioError> {
+        for disk in &self.disks {
+            let (_, image) = open_image(&disk.config)?;
+            (lock(&disk.transport).device_mut().replace_disk(image)).map_err(|source| {
+                VirtioError::Block {
+                    id: disk.config.id.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     /// QMP's `query-block`.
     pub fn query_block(&self) -> Value {
         Value::Array(self.disks.iter().map(AttachedDisk::describe).collect())
@@ -250,6 +265,15 @@ struct ImageFacts {
 }
 
 fn open_disk(config: &DiskConfig) -> Result<(ImageFacts, Block), VirtioError> {
+    let (facts, image) = open_image(config)?;
+    let block = Block::new(image, config.block.clone()).map_err(|source| VirtioError::Block {
+        id: config.id.clone(),
+        source,
+    })?;
+    Ok((facts, block))
+}
+
+fn open_image(config: &DiskConfig) -> Result<(ImageFacts, Arc<dyn BlockDevice>), VirtioError> {
     let id = config.id.clone();
     if config.block.cache.direct_io() {
         return Err(VirtioError::DirectIo {
@@ -265,17 +289,11 @@ fn open_disk(config: &DiskConfig) -> Result<(ImageFacts, Block), VirtioError> {
     let format: Format = info.format.parse().map_err(image_err)?;
     let image =
         diskimg::open(&config.path, config.block.read_only, Some(format)).map_err(image_err)?;
-    let block = Block::new(Arc::from(image), config.block.clone()).map_err(|source| {
-        VirtioError::Block {
-            id: id.clone(),
-            source,
-        }
-    })?;
     let facts = ImageFacts {
         format,
         backing: info.backing_filename,
     };
-    Ok((facts, block))
+    Ok((facts, Arc::from(image)))
 }
 
 impl AttachedDisk {

@@ -20,6 +20,7 @@ use crate::memory::GuestRam;
 use crate::vcpu::{self, VcpuState};
 use crate::vcpus::{Kicker, Throttle, VcpuContext, VcpuFailureSink, Vcpus};
 use crate::virtio_devices::{VirtioDevices, VirtioError};
+use crate::vm_state::IncomingMigration;
 
 /// Errors creating or driving the VM.
 #[derive(Debug, thiserror::Error)]
@@ -141,17 +142,18 @@ pub struct Vm {
 
 impl Vm {
     /// Creates the VM and starts the vCPUs: from the kernel, or, with
-    /// `config.incoming`, from the state an incoming migration brings
-    /// (devices are opened after the stream, so disks are read fresh).
-    pub fn start(config: &VmConfig, console: Console, sinks: Sinks) -> Result<Self, VmError> {
+    /// `incoming`, from the state an incoming migration brings (disks are
+    /// opened again after the stream, so they are read fresh).
+    pub fn start(
+        config: &VmConfig,
+        console: Console,
+        sinks: Sinks,
+        incoming: Option<IncomingMigration>,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         check_limits(&kvm, config)?;
         let fd = create_vm(&kvm)?;
         let ram = GuestRam::new(&fd, config.memory)?;
-        let incoming = match &config.incoming {
-            Some(uri) => Some(crate::vm_state::receive(uri, ram.memory(), config.vcpus)?),
-            None => None,
-        };
         let mut devices = DeviceManager::new(&fd, console.output, sinks.requests.clone())?;
         let virtio = VirtioDevices::attach(
             &config.disks,
@@ -194,7 +196,10 @@ impl Vm {
         }
         let boot_vm = VmState::save(&fd)?;
         if let Some(incoming) = incoming {
-            crate::vm_state::restore(incoming, &fd, &fds, &virtio)?;
+            // Everything is ready: the downtime only covers the stream's
+            // tail, reopening the disks and loading the state.
+            let received = incoming.receive(ram.memory(), config.vcpus)?;
+            crate::vm_state::restore(received, &fd, &fds, &virtio)?;
         }
         let (buses, serial) = devices.into_buses();
         console.input.start(serial.clone());

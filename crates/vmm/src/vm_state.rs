@@ -31,6 +31,8 @@ pub enum StateError {
     Blob { name: String, problem: String },
     #[error("saving VM state: {0}")]
     Save(String),
+    #[error("incoming migration: {0}")]
+    Disk(#[from] crate::virtio_devices::VirtioError),
 }
 
 const VM_BLOB: &str = "vm";
@@ -68,28 +70,40 @@ pub fn save(
     Ok(SavedState { vcpus, devices })
 }
 
-/// Waits for the stream on `uri` and writes it into `memory`.
-pub fn receive(
-    uri: &MigrationUri,
-    memory: &GuestMemory,
-    vcpus: u32,
-) -> Result<Received, StateError> {
-    let transport_err = |source| StateError::Transport {
-        uri: uri.to_string(),
-        source,
-    };
-    let mut incoming = Incoming::open(uri).map_err(transport_err)?;
-    tracing::info!("waiting for an incoming migration on {uri}");
-    let received = migration::receive(&mut incoming, uri, memory)?;
-    if received.vcpus.len() != vcpus as usize {
-        let reason = format!(
-            "the source has {} vCPUs, this VM {vcpus}",
-            received.vcpus.len()
-        );
-        received.reject(&reason);
-        return Err(StateError::Mismatch(reason));
+/// An incoming migration whose listener (or command, or file) is open:
+/// opened before the control socket, so a client that sees the socket can
+/// start the source at once.
+pub struct IncomingMigration {
+    uri: MigrationUri,
+    incoming: Incoming,
+}
+
+impl IncomingMigration {
+    pub fn open(uri: &MigrationUri) -> Result<Self, StateError> {
+        let incoming = Incoming::open(uri).map_err(|source| StateError::Transport {
+            uri: uri.to_string(),
+            source,
+        })?;
+        tracing::info!("waiting for an incoming migration on {uri}");
+        Ok(IncomingMigration {
+            uri: uri.clone(),
+            incoming,
+        })
     }
-    Ok(received)
+
+    /// Waits for the stream and writes it into `memory`.
+    pub fn receive(mut self, memory: &GuestMemory, vcpus: u32) -> Result<Received, StateError> {
+        let received = migration::receive(&mut self.incoming, &self.uri, memory)?;
+        if received.vcpus.len() != vcpus as usize {
+            let reason = format!(
+                "the source has {} vCPUs, this VM {vcpus}",
+                received.vcpus.len()
+            );
+            received.reject(&reason);
+            return Err(StateError::Mismatch(reason));
+        }
+        Ok(received)
+    }
 }
 
 /// Restores vCPUs, VM-wide state and devices from what arrived, then
@@ -120,6 +134,7 @@ fn load(
             .map(|(_, b)| b.as_slice())
             .ok_or_else(|| StateError::Mismatch(format!("the stream has no {name} state")))
     };
+    virtio.reopen_disks()?;
     let vm_state: VmState = decode(VM_BLOB, blob(VM_BLOB)?)?;
     let blob_err = |name: &str| {
         let name = name.to_owned();

@@ -107,6 +107,15 @@ impl MigrationControl {
         self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Marks a migration as starting, before its thread runs, so that a
+    /// `query-migrate` right after `migrate` never shows the previous one.
+    pub fn begin(&self) {
+        self.update(|i| {
+            *i = MigrationInfo::default();
+            i.status = MigrationStatus::Setup;
+        });
+    }
+
     fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
         f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
     }

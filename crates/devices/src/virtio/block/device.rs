@@ -163,6 +163,22 @@ impl Block {
         self.disk.flush()
     }
 
+    /// Opens the image anew under a stopped device: what a migration's
+    /// destination does once the source has flushed, so that no metadata
+    /// read before the stream is used. The size must not change.
+    pub fn replace_disk(&mut self, disk: Arc<dyn BlockDevice>) -> Result<(), BlockError> {
+        let now = disk.size() / SECTOR_SIZE;
+        if now != self.capacity {
+            return Err(BlockError::CapacityChanged {
+                saved: self.capacity,
+                now,
+            });
+        }
+        self.read_only = self.config.read_only || disk.read_only();
+        self.disk = disk;
+        Ok(())
+    }
+
     fn build_config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; CONFIG_LEN];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
