@@ -477,6 +477,19 @@ async fn heavy_health_state_survives_reload_and_api_adds_and_removes_servers() {
             "{method} {path} {body}"
         );
     }
+    // Added as down: it never gets a session until set up.
+    let four = Backend::start("four").await;
+    let (code, body) = http(
+        &api,
+        "POST",
+        "/api/upstreams/app/servers",
+        &format!(r#"{{"server":"{}","down":true}}"#, four.addr),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains(r#""state":"down""#), "{body}");
+    spread(addr, 6).await;
+    assert_eq!(four.count(), 0, "a server added as down got a session");
     // The file is the truth for which servers exist: a reload brings back
     // the removed one and drops the one the API added.
     lb.reload(config(dir.path(), &text("interval=100ms fails=3 passes=2")))
