@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # oxvirt img vs qemu-img on the same inputs, in one run; prints wall times
-# and ratios (qemu-img time / oxvirt time: above 1 means oxvirt is faster).
+# and ratios (qemu-img time / oxvirt time: above 1 means oxvirt is faster),
+# and the same for CPU time (user + system, all threads), which still
+# means something when other work loads the machine.
 #
 #   bash bench/img.sh                  # 4 GiB image, 1 GiB of data
 #   SIZE_MB=1024 DATA_MB=256 bash bench/img.sh   # quicker
@@ -18,16 +20,19 @@ iops=${CARGO_TARGET_DIR:-target}/release/examples/iops
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/oxvirt-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-secs() { # runs "$@", prints its wall time in seconds
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >/dev/null
-    t1=$(date +%s.%N)
-    awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'
+secs() { # runs "$@", prints its wall time and CPU time in seconds
+    local TIMEFORMAT='%R %U %S' t
+    t=$({ time "$@" >/dev/null 2>&1; } 2>&1)
+    awk '{ printf "%s %.3f", $1, $2 + $3 }' <<<"$t"
 }
 
-row() { # name, oxvirt seconds, qemu-img seconds
-    printf '%-44s %9.2f s %9.2f s %7.2fx\n' "$1" "$2" "$3" "$(awk -v a="$3" -v b="$2" 'BEGIN { print a / b }')"
+row() { # name, "oxvirt wall cpu", "qemu-img wall cpu"
+    local ow oc qw qc
+    read -r ow oc <<<"$2"
+    read -r qw qc <<<"$3"
+    printf '%-40s %8.2f s %8.2f s %6.2fx   cpu %7.2f s %7.2f s %6.2fx\n' "$1" "$ow" "$qw" \
+        "$(awk -v a="$qw" -v b="$ow" 'BEGIN { print a / b }')" "$oc" "$qc" \
+        "$(awk -v a="$qc" -v b="$oc" 'BEGIN { print a / b }')"
 }
 
 echo "== inputs: ${SIZE_MB} MiB raw image with ${DATA_MB} MiB of random data in scattered 4 MiB extents"
@@ -38,7 +43,7 @@ for ((i = 0; i < extents; i++)); do
     dd if=/dev/urandom of="$work/src.raw" bs=1M count=4 seek=$((i * stride)) conv=notrunc status=none
 done
 sync
-printf '%-44s %11s %11s %8s\n' "row" "oxvirt" "qemu-img" "ratio"
+printf '%-40s %10s %10s %7s   %-11s %9s %7s\n' "row" "oxvirt" "qemu-img" "ratio" "cpu oxvirt" "qemu-img" "ratio"
 
 o=$(secs "$ox" img convert -O qcow2 "$work/src.raw" "$work/ox.qcow2")
 q=$(secs qemu-img convert -O qcow2 "$work/src.raw" "$work/q.qcow2")
@@ -68,9 +73,13 @@ rm -f "$work/big.qcow2"
 echo "== library: 4 KiB random I/O, ${IOPS_OPS} ops on 1 GiB, qcow2 (allocated) vs raw (ratio: qcow2/raw)"
 dd if=/dev/zero of="$work/io.raw" bs=1M count=1024 status=none
 "$ox" img convert -S 0 -O qcow2 "$work/io.raw" "$work/io.qcow2"
+cat "$work/io.raw" "$work/io.qcow2" >/dev/null # both in the page cache
+printf '%-40s %10s %10s %7s   %-11s %9s %7s\n' "row (ops/s)" "qcow2" "raw" "ratio" "per cpu-s" "raw" "ratio"
 for mode in read write; do
-    r=$("$iops" "$work/io.raw" "$IOPS_OPS" $mode)
-    qc=$("$iops" "$work/io.qcow2" "$IOPS_OPS" $mode)
-    printf '%-44s %9s/s %9s/s %7.2fx\n' "4k random $mode: qcow2 vs raw" "$qc" "$r" "$(awk -v a="$qc" -v b="$r" 'BEGIN { print a / b }')"
+    read -r rw rc <<<"$("$iops" "$work/io.raw" "$IOPS_OPS" $mode)"
+    read -r qw qc <<<"$("$iops" "$work/io.qcow2" "$IOPS_OPS" $mode)"
+    printf '%-40s %10s %10s %6.2fx   %11s %9s %6.2fx\n' "4k random $mode: qcow2 vs raw" "$qw" "$rw" \
+        "$(awk -v a="$qw" -v b="$rw" 'BEGIN { print a / b }')" "$qc" "$rc" \
+        "$(awk -v a="$qc" -v b="$rc" 'BEGIN { print a / b }')"
 done
 qemu-img check -q "$work/io.qcow2"
