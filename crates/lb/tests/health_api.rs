@@ -26,6 +26,13 @@ async fn http(api: &std::path::Path, method: &str, path: &str, body: &str) -> (u
     (status, body)
 }
 
+/// Sessions the balancer sent to `server` so far.
+async fn connections(api: &std::path::Path, server: usize) -> u64 {
+    let (_, body) = http(api, "GET", "/api/upstreams/app", "").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["servers"][server]["connections"].as_u64().unwrap()
+}
+
 async fn state(api: &std::path::Path, server: usize) -> String {
     let (_, body) = http(api, "GET", "/api/upstreams/app", "").await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -85,8 +92,15 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(state(&api, 1).await, "unhealthy");
+    // While unhealthy it gets no sessions, though the load goes on.
+    let while_down = connections(&api, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let revived = Backend::at("two", two_addr).await;
+    assert_eq!(
+        connections(&api, 1).await,
+        while_down,
+        "unhealthy peer got sessions"
+    );
+    let _revived = Backend::at("two", two_addr).await;
     for _ in 0..100 {
         if state(&api, 1).await == "up" {
             break;
@@ -103,7 +117,10 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
         "clients saw errors ({} ok)",
         ok.load(Ordering::Relaxed)
     );
-    assert!(revived.count() > 0, "revived backend got no traffic");
+    assert!(
+        connections(&api, 1).await > while_down,
+        "revived backend got no sessions"
+    );
 
     // Drain: no new sessions; weight; down; bad requests.
     let (code, _) = http(
@@ -117,17 +134,11 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
     assert_eq!(state(&api, 0).await, "draining");
     // Sessions as the balancer counts them: the backend's own accept count
     // also sees the health checks.
-    let sessions_on_one = || async {
-        let (_, body) = http(&api, "GET", "/api/upstreams/app/servers/0", "").await;
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["connections"]
-            .as_u64()
-            .unwrap()
-    };
-    let before = sessions_on_one().await;
+    let before = connections(&api, 0).await;
     for _ in 0..10 {
         assert_eq!(greeting(addr).await.unwrap(), "two");
     }
-    assert_eq!(sessions_on_one().await, before);
+    assert_eq!(connections(&api, 0).await, before);
     let (code, body) = http(
         &api,
         "PATCH",
