@@ -98,12 +98,14 @@ fn heavy_vmm_blk_guest_writes_are_on_the_image_for_raw_qcow2_and_overlays() {
         .unwrap();
     assert!(status.success());
 
-    for (image, format, under) in [
-        (&raw, "raw", None),
-        (&qcow2, "qcow2", None),
-        (&overlay, "qcow2", Some(&base)),
+    for (image, format, cache, under) in [
+        (&raw, "raw", "writeback", None),
+        (&raw, "raw", "none", None),
+        (&qcow2, "qcow2", "none", None),
+        (&qcow2, "qcow2", "writethrough", None),
+        (&overlay, "qcow2", "unsafe", Some(&base)),
     ] {
-        let disk = format!("path={},format={format}", image.display());
+        let disk = format!("path={},format={format},cache={cache}", image.display());
         let run = boot(
             &format!("probe=blk probe.mode=seqwrite probe.mib=4 probe.bs=65536 probe.verify=1 probe.seed={SEED}"),
             &["--disk", &disk],

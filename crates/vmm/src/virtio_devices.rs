@@ -3,7 +3,6 @@
 //! through the control API (`query-block`, `block_set_io_throttle`,
 //! `query-net`, `net_set_throttle`, `set_link`).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::rate_limiter::LimiterConfig;
@@ -24,10 +23,6 @@ use crate::device_manager::{DeviceError, DeviceManager};
 pub enum VirtioError {
     #[error("--disk {id}: {source}")]
     Image { id: String, source: diskimg::Error },
-    #[error(
-        "--disk {id} ({path}): cache=none needs O_DIRECT, which oxvirt cannot open images with yet"
-    )]
-    DirectIo { id: String, path: PathBuf },
     #[error("--disk {id}: {source}")]
     Block { id: String, source: BlockError },
     #[error("--net {id}: {source}")]
@@ -275,20 +270,18 @@ fn open_disk(config: &DiskConfig) -> Result<(ImageFacts, Block), VirtioError> {
 
 fn open_image(config: &DiskConfig) -> Result<(ImageFacts, Arc<dyn BlockDevice>), VirtioError> {
     let id = config.id.clone();
-    if config.block.cache.direct_io() {
-        return Err(VirtioError::DirectIo {
-            id,
-            path: config.path.clone(),
-        });
-    }
     let image_err = |source| VirtioError::Image {
         id: id.clone(),
         source,
     };
     let info = diskimg::ops::info::info(&config.path, config.format).map_err(image_err)?;
     let format: Format = info.format.parse().map_err(image_err)?;
-    let image =
-        diskimg::open(&config.path, config.block.read_only, Some(format)).map_err(image_err)?;
+    let options = diskimg::OpenOptions {
+        read_only: config.block.read_only,
+        format: Some(format),
+        direct: config.block.cache.direct_io(),
+    };
+    let image = diskimg::open_with(&config.path, &options).map_err(image_err)?;
     let facts = ImageFacts {
         format,
         backing: info.backing_filename,
