@@ -306,7 +306,8 @@ impl Vm {
     pub fn save_state(&mut self) -> Result<crate::migration::SavedState, VmError> {
         let mut vcpus = Vec::new();
         for (id, fd) in (0u32..).zip(self.vcpus.fds()) {
-            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            complete_pending_io(&mut fd);
             vcpus.push(VcpuState::save(&fd, id, &self.msr_indices)?);
         }
         let vm = VmState::save(&self.fd)?;
@@ -322,6 +323,17 @@ impl Vm {
     pub fn stop(&mut self) {
         self.vcpus.stop();
     }
+}
+
+/// Lets KVM finish an I/O instruction whose exit the vCPU thread handled
+/// just before it parked (KVM completes it on the next KVM_RUN): one
+/// KVM_RUN with immediate_exit returns at once with the instruction done,
+/// so the saved registers are past it and it is not replayed on restore.
+fn complete_pending_io(fd: &mut kvm_ioctls::VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; anything else leaves the state as is.
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
 }
 
 fn check_limits(kvm: &Kvm, config: &VmConfig) -> Result<(), VmError> {
