@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Live migration, oxvirt vmm vs QEMU -M microvm, in one run: the probe
+# guest's `mem` workload (verifying every page) migrated over a unix socket
+# on this machine at several dirty rates and downtime limits; prints
+# total-time, downtime and ram.transferred of each and the oxvirt/QEMU ratios.
+# Usage: bash bench/migrate.sh [guest MiB] [working set MiB] [max-bandwidth B/s]
+# (needs KVM and .peer/qemu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${CARGO_TARGET_DIR:-target}
+cargo build --release -q -p oxvirt-cli -p oxvirt-probe
+export OXVIRT=$target/release/oxvirt PROBE=$target/release/oxvirt-probe
+export QEMU=.peer/qemu/usr/bin/qemu-system-x86_64 QEMU_FW=.peer/qemu/usr/share/qemu
+export GUEST_MIB=${1:-1024} WORK_MIB=${2:-256} MAX_BW=${3:-1073741824}
+work=$(mktemp -d /var/tmp/oxvirt-bench-migrate.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export WORK=$work
+python3 - <<'PY'
+import json, os, re, socket, subprocess, time
+env = os.environ
+W = env["WORK"]
+TIMEOUT = 90  # seconds a migration may take before it is cancelled
+
+def cmdline(rate):
+    # probe.dirty_mib_s has a minimum of 1: "0" is 1 MiB/s, a pass every WORK_MIB s.
+    return (f"probe=mem probe.mib={env['WORK_MIB']} probe.dirty_mib_s={max(rate, 1)} "
+            "probe.verify=1")
+def oxvirt(rate, tag, api=None, incoming=None):
+    cmd = [env["OXVIRT"], "vmm", "--kernel", env["PROBE"], "--memory", f"{env['GUEST_MIB']}M",
+           "--vcpus", "1", "--cmdline", cmdline(rate), "--serial", f"file:{W}/{tag}.console"]
+    if api: cmd += ["--api", api]
+    if incoming: cmd += ["--incoming", incoming]
+    return cmd
+def qemu(rate, tag, api=None, incoming=None):
+    cmd = [env["QEMU"], "-L", env["QEMU_FW"], "-M", "microvm", "-cpu", "host,-arch-capabilities",
+           "-enable-kvm", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+           "-serial", f"file:{W}/{tag}.console", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+           "-m", f"{env['GUEST_MIB']}M", "-smp", "1", "-kernel", env["PROBE"],
+           "-append", cmdline(rate), "-global", "virtio-mmio.force-legacy=false"]
+    if api: cmd += ["-qmp", f"unix:{api},server=on,wait=off"]
+    if incoming: cmd += ["-incoming", incoming]
+    return cmd
+
+class Qmp:
+    """JSON lines over a unix socket: greeting, qmp_capabilities, then commands."""
+    def __init__(self, path):
+        for _ in range(300):
+            try:
+                self.s = socket.socket(socket.AF_UNIX); self.s.connect(path); break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise SystemExit(f"no control socket at {path}")
+        self.f = self.s.makefile("rw")
+        self.reply()  # the greeting
+        self.ok("qmp_capabilities")
+    def reply(self):
+        while True:
+            line = self.f.readline()
+            if not line: raise SystemExit("control socket closed")
+            msg = json.loads(line)
+            if "event" not in msg: return msg
+    def ok(self, name, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args} if args else {"execute": name}) + "\n")
+        self.f.flush()
+        msg = self.reply()
+        if "return" not in msg: raise SystemExit(f"{name}: {msg}")
+        return msg["return"]
+
+def console(tag):
+    try: return open(f"{W}/{tag}.console", errors="replace").read()
+    except FileNotFoundError: return ""
+def wait_for(tag, pattern, timeout):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        m = re.findall(pattern, console(tag))
+        if m: return m
+        time.sleep(0.1)
+    return None
+def rates(text):
+    return [float(x) for x in re.findall(r"PROBE RESULT mem pass=\d+ .*?dirty_mib_s=([\d.]+)", text)]
+
+def migrate(tool, rate, limit):
+    mk = oxvirt if tool == "oxvirt" else qemu
+    tag = f"{tool}-{rate}-{limit}"
+    api, mig = f"{W}/{tag}.api", f"unix:{W}/{tag}.mig"
+    src = subprocess.Popen(mk(rate, tag + "-src", api=api), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dst = subprocess.Popen(mk(rate, tag + "-dst", incoming=mig), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if not wait_for(tag + "-src", r"fill_mib", 120):
+            raise SystemExit(f"{tag}: the source never filled its memory: {console(tag + '-src')[-500:]}")
+        if rate > 1:  # a pass at full rate before migrating: the rate it reaches unhindered
+            wait_for(tag + "-src", r"pass=1 ", int(env["WORK_MIB"]) / rate * 3 + 10)
+        before = len(console(tag + "-src"))
+        q = Qmp(api)
+        q.ok("migrate-set-parameters", **{"downtime-limit": limit, "max-bandwidth": int(env["MAX_BW"])})
+        q.ok("migrate", uri=mig)
+        t0 = time.monotonic()
+        while True:
+            info = q.ok("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"): break
+            if time.monotonic() - t0 > TIMEOUT:
+                q.ok("migrate_cancel")
+                during = rates(console(tag + "-src")[before:])
+                return {"status": f"did not converge in {TIMEOUT}s", "during": during}
+            time.sleep(0.05)
+        during = rates(console(tag + "-src")[before:])
+        verified = None
+        if info["status"] == "completed" and rate > 1:
+            # The guest carries on at the destination and its pages check out.
+            verified = bool(wait_for(tag + "-dst", r"pass=\d+ .*verify=ok", int(env["WORK_MIB"]) / rate * 3 + 10))
+        if "PROBE DONE fail" in console(tag + "-dst"): verified = False
+        pre = rates(console(tag + "-src")[:before])
+        return {"status": info["status"], "total": info.get("total-time"), "down": info.get("downtime"),
+                "bytes": info.get("ram", {}).get("transferred"), "pre": pre, "during": during,
+                "verified": verified}
+    finally:
+        for p in (src, dst):
+            p.kill(); p.wait()
+
+def fmt_rate(r):
+    if not r["pre"] and not r["during"]: return "-"
+    pre = f"{r['pre'][-1]:.0f}" if r["pre"] else "-"
+    during = f"{min(r['during']):.0f}" if r["during"] else "-"
+    return f"{pre}/{during}"
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+print(f"guest {env['GUEST_MIB']} MiB, probe.mem working set {env['WORK_MIB']} MiB, "
+      f"max-bandwidth {int(env['MAX_BW']) >> 20} MiB/s, unix socket")
+print("dirty: requested MiB/s; achieved = last pass before / slowest pass during migration")
+hdr = (f"{'dirty':>5} {'limit':>5} {'tool':7} {'status':10} {'total ms':>9} {'down ms':>8} "
+       f"{'MiB sent':>9} {'achieved':>9} {'verify':>6}")
+print(hdr)
+for rate in (0, 50, 200):
+    for limit in (30, 300):
+        results = {t: migrate(t, rate, limit) for t in ("oxvirt", "qemu")}
+        for tool, r in results.items():
+            if r["status"] != "completed":
+                print(f"{rate:5} {limit:5} {tool:7} {r['status']}"); continue
+            print(f"{rate:5} {limit:5} {tool:7} {r['status']:10} {r['total']:9} {r['down']:8} "
+                  f"{r['bytes'] / 2**20:9.1f} {fmt_rate(r):>9} {str(r['verified']):>6}")
+        o, q = results["oxvirt"], results["qemu"]
+        if o["status"] == q["status"] == "completed":
+            print(f"{'':5} {'':5} {'ratio':7} {'':10} {ratio(o['total'], q['total']):>9} "
+                  f"{ratio(o['down'], q['down']):>8} {ratio(o['bytes'], q['bytes']):>9}", flush=True)
+PY
