@@ -346,7 +346,7 @@ fn print_check_human(r: &CheckResult, quiet: bool) {
 fn convert(args: &[String]) -> Result<u8> {
     let o = Opts::parse(
         args,
-        &["f", "O", "o", "S", "m", "t", "T", "B", "r"],
+        &["f", "O", "o", "S", "m", "t", "T", "B", "F", "r"],
         &["p", "c", "W", "n", "q", "U"],
     )?;
     if o.positional.len() < 2 {
@@ -359,6 +359,12 @@ fn convert(args: &[String]) -> Result<u8> {
         out_format,
         compress: o.has("c"),
         no_create: o.has("n"),
+        out_of_order: o.has("W"),
+        flush: cache_flushes(o.value("t"))?,
+        backing: match o.value("B") {
+            Some(b) => Some((b.to_string(), format_arg(&o, "F")?)),
+            None => None,
+        },
         ..Default::default()
     };
     if out_format == Format::Qcow2 {
@@ -389,6 +395,16 @@ fn convert(args: &[String]) -> Result<u8> {
         println!();
     }
     Ok(0)
+}
+
+/// Whether a `-t` cache mode syncs the target when done; qemu-img's
+/// convert default, `unsafe`, does not.
+fn cache_flushes(mode: Option<&str>) -> Result<bool> {
+    match mode {
+        None | Some("unsafe") => Ok(false),
+        Some("none" | "writeback" | "writethrough" | "directsync") => Ok(true),
+        Some(m) => bail!("Invalid cache option: {m}"),
+    }
 }
 
 fn compare(args: &[String]) -> Result<u8> {

@@ -25,7 +25,6 @@ const HIGH_ENTROPY: f64 = 7.9;
 
 impl Compressor {
     pub fn new(kind: Compression) -> std::io::Result<Compressor> {
-        let raw_deflate = |level| Box::new(Compress::new_with_window_bits(level, false, 12));
         Ok(match kind {
             Compression::Zlib => Compressor::Zlib {
                 level6: raw_deflate(flate2::Compression::default()),
@@ -47,9 +46,9 @@ impl Compressor {
         match self {
             Compressor::Zlib { level6, level1 } => {
                 if entropy(data) > HIGH_ENTROPY {
-                    deflate(level1, data)?;
+                    deflate(level1, flate2::Compression::fast(), data)?;
                 }
-                deflate(level6, data)
+                deflate(level6, flate2::Compression::default(), data)
             }
             Compressor::Zstd(c) => {
                 let mut out = Vec::with_capacity(data.len().saturating_sub(1));
@@ -59,13 +58,26 @@ impl Compressor {
     }
 }
 
-fn deflate(c: &mut Compress, data: &[u8]) -> Option<Vec<u8>> {
+/// Raw deflate with a 4 KiB window, as QEMU writes it.
+fn raw_deflate(level: flate2::Compression) -> Box<Compress> {
+    Box::new(Compress::new_with_window_bits(level, false, 12))
+}
+
+/// Deflates one cluster with `c`, leaving `c` ready for the next one.
+fn deflate(c: &mut Box<Compress>, level: flate2::Compression, data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(data.len().saturating_sub(1));
-    c.reset();
-    match c.compress_vec(data, &mut out, FlushCompress::Finish) {
-        Ok(Status::StreamEnd) => Some(out),
-        _ => None,
+    let finished = matches!(
+        c.compress_vec(data, &mut out, FlushCompress::Finish),
+        Ok(Status::StreamEnd)
+    );
+    if finished {
+        c.reset();
+        return Some(out);
     }
+    // zlib-rs 0.6 keeps a stream's pending output across reset() when the
+    // stream did not finish (and later panics on it): start afresh.
+    *c = raw_deflate(level);
+    None
 }
 
 /// Shannon entropy of the byte values, in bits per byte.
@@ -159,6 +171,35 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(Compression::Zlib, &packed, &mut out).unwrap();
             assert!(out == data, "cluster {i}");
+        }
+    }
+
+    #[test]
+    fn small_clusters_that_do_not_fit_leave_the_compressor_usable() {
+        // Runs of text and of noise cut into 512-byte clusters: some fit,
+        // some do not; a compressor that failed must still compress the
+        // next cluster correctly (zlib-rs 0.6 panicked here after reset()).
+        let mut data = vec![0u8; 1 << 20];
+        let (mut x, mut at) = (12345u32, 0);
+        while at < data.len() {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let len = (x as usize % 200_000).min(data.len() - at);
+            for (i, b) in data[at..at + len].iter_mut().enumerate() {
+                *b = if x % 2 == 0 {
+                    (i % 61) as u8 + 32
+                } else {
+                    (x.wrapping_mul(i as u32 + 7) >> 13) as u8
+                };
+            }
+            at += len;
+        }
+        let mut c = Compressor::new(Compression::Zlib).unwrap();
+        for cluster in data.chunks(512) {
+            if let Some(packed) = c.compress(cluster) {
+                let mut out = vec![0u8; 512];
+                decompress(Compression::Zlib, &packed, &mut out).unwrap();
+                assert!(out == cluster, "round trip differs");
+            }
         }
     }
 }
