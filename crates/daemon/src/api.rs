@@ -21,6 +21,7 @@ use crate::devices::DiskThrottle;
 use crate::domain::State as DomainState;
 use crate::error::ManagerError;
 use crate::manager::{Manager, StateInfo};
+use crate::migrate::MigrateParameters;
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::tune::{MemTune, SchedInfo};
 
@@ -137,6 +138,7 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/domains", get(list).post(define))
         .route("/v1/run", post(run))
         .route("/v1/restore", post(restore))
+        .route("/v1/migrate/incoming", post(prepare_incoming))
         .route("/v1/domains/{name}", get(info).delete(undefine))
         .route("/v1/domains/{name}/state", get(state))
         .route("/v1/domains/{name}/config", get(config))
@@ -151,6 +153,12 @@ pub fn router(manager: Manager) -> Router {
         .route("/v1/domains/{name}/sizing", put(set_sizing))
         .route("/v1/domains/{name}/save", post(save))
         .route("/v1/domains/{name}/managedsave", post(managed_save))
+        .route("/v1/domains/{name}/migrate", post(migrate))
+        .route(
+            "/v1/domains/{name}/migrate/parameters",
+            put(migrate_parameters),
+        )
+        .route("/v1/domains/{name}/job", get(job_info))
         .route(
             "/v1/domains/{name}/blkiotune",
             get(blkiotune).put(set_blkiotune),
@@ -485,6 +493,55 @@ async fn restore(State(m): State<Manager>, bytes: Bytes) -> ApiResult {
     let req: FileRequest = body(&bytes)?;
     let name = m.restore(&req.file).await?;
     ok(m.info(&name)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingRequest {
+    config: String,
+    #[serde(default)]
+    persistent: bool,
+}
+
+async fn prepare_incoming(State(m): State<Manager>, bytes: Bytes) -> ApiResult {
+    let req: IncomingRequest = body(&bytes)?;
+    ok(m.prepare_incoming(&req.config, req.persistent).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    /// The destination oxvirtd's socket.
+    destination: std::path::PathBuf,
+    #[serde(default)]
+    persistent: bool,
+}
+
+async fn migrate(State(m): State<Manager>, Path(name): Path<String>, bytes: Bytes) -> ApiResult {
+    let req: MigrateRequest = body(&bytes)?;
+    m.migrate(&name, &req.destination, req.persistent).await?;
+    // A transient domain is gone from this daemon now.
+    match m.state(&name) {
+        Ok(state) => ok(state),
+        Err(ManagerError::NotFound { .. }) => ok(StateInfo {
+            state: DomainState::ShutOff,
+            reason: "migrated".to_owned(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn migrate_parameters(
+    State(m): State<Manager>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    let change: MigrateParameters = body(&bytes)?;
+    ok(m.migrate_parameters(&name, &change).await?)
+}
+
+async fn job_info(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    ok(m.job_info(&name).await?)
 }
 
 async fn set_sizing(

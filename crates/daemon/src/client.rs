@@ -17,6 +17,7 @@ use crate::api::ErrorBody;
 use crate::blkio::{BlkioTune, BlockStats, InterfaceStats};
 use crate::devices::DiskThrottle;
 use crate::manager::{DomainInfo, DomainSummary, StateInfo};
+use crate::migrate::{Incoming, MigrateParameters};
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::snapshot::SnapshotInfo;
 use crate::tune::{MemTune, SchedInfo};
@@ -186,6 +187,53 @@ impl Client {
     /// virsh restore: runs the domain saved in `file` again.
     pub async fn restore(&self, file: &Path) -> Result<DomainInfo, ClientError> {
         self.call(Method::POST, "/v1/restore", Some(json!({ "file": file })))
+            .await
+    }
+
+    /// Destination side of a migration (the source daemon calls it).
+    pub async fn prepare_incoming(
+        &self,
+        config: &str,
+        persistent: bool,
+    ) -> Result<Incoming, ClientError> {
+        self.call(
+            Method::POST,
+            "/v1/migrate/incoming",
+            Some(json!({"config": config, "persistent": persistent})),
+        )
+        .await
+    }
+
+    /// migrate --live: to the oxvirtd listening on `destination`.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        destination: &Path,
+        persistent: bool,
+    ) -> Result<StateInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/migrate", seg(name)),
+            Some(json!({"destination": destination, "persistent": persistent})),
+        )
+        .await
+    }
+
+    pub async fn migrate_parameters(
+        &self,
+        name: &str,
+        change: &MigrateParameters,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/domains/{}/migrate/parameters", seg(name)),
+            Some(json!(change)),
+        )
+        .await
+    }
+
+    pub async fn job_info(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(Method::GET, &format!("/v1/domains/{}/job", seg(name)), None)
             .await
     }
 

@@ -56,6 +56,10 @@ pub enum Reason {
     Saved,
     /// Running from a saved state (restore, or start after managedsave).
     Restored,
+    /// Shut off here: migrated to another host.
+    Migrated,
+    /// Running here after an incoming migration.
+    MigratedIn,
     /// Crashed: the kernel's OOM killer killed the VMM.
     Oom,
     /// Crashed: the VMM died of a signal nobody here sent.
@@ -75,6 +79,8 @@ impl fmt::Display for Reason {
             Reason::Unknown => f.write_str("unknown"),
             Reason::Saved => f.write_str("saved"),
             Reason::Restored => f.write_str("restored"),
+            Reason::Migrated => f.write_str("migrated"),
+            Reason::MigratedIn => f.write_str("migrated in"),
             Reason::Oom => f.write_str("oom"),
             Reason::Signal(n) => write!(f, "signal {n}"),
             Reason::VmmError(msg) => write!(f, "vmm error: {msg}"),

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod domain;
 pub mod error;
 pub mod manager;
+pub mod migrate;
 mod network;
 pub mod paths;
 pub mod run_spec;

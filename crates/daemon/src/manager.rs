@@ -45,6 +45,8 @@ pub(crate) enum StopRequest {
     Destroy,
     /// save / managedsave: the state went to a file first.
     Save,
+    /// migrate: the guest runs on another host now.
+    Migrate,
 }
 
 /// A running (or paused) domain's process.
@@ -372,8 +374,10 @@ impl Manager {
 
     async fn start_locked(&self, name: &str) -> Result<(), ManagerError> {
         let managed = self.paths().managed_save(name);
-        let incoming = managed.exists().then_some(managed.as_path());
-        self.start_from(name, incoming).await?;
+        let incoming = managed
+            .exists()
+            .then(|| format!("file:{}", managed.display()));
+        self.start_from(name, incoming.as_deref()).await?;
         if incoming.is_some() {
             // Restored: the state is consumed (libvirt's managed save too).
             remove_if_exists(&managed);
@@ -385,7 +389,7 @@ impl Manager {
     pub(crate) async fn start_from(
         &self,
         name: &str,
-        incoming: Option<&Path>,
+        incoming: Option<&str>,
     ) -> Result<(), ManagerError> {
         let def = self.with(name, |d| {
             if d.state.is_active() {
@@ -405,7 +409,8 @@ impl Manager {
         self.with(name, |d| {
             d.state = State::Running;
             d.reason = match incoming {
-                Some(_) => Reason::Restored,
+                Some(uri) if uri.starts_with("file:") => Reason::Restored,
+                Some(_) => Reason::MigratedIn,
                 None => Reason::Booted,
             };
             d.exit_code = None;
@@ -420,6 +425,22 @@ impl Manager {
     /// Adds a transient, shut-off domain (restore of an unknown one).
     pub(crate) fn insert_transient(&self, def: DomainDef) {
         self.table().insert(def.name.clone(), inactive(def, false));
+    }
+
+    /// Adds a persistent, shut-off domain whose file is written already.
+    pub(crate) fn insert_defined(&self, def: DomainDef) {
+        self.table().insert(def.name.clone(), inactive(def, true));
+    }
+
+    /// Undoes `prepare_incoming` after a failed incoming migration.
+    pub(crate) fn forget_incoming(&self, name: &str, persistent: bool) {
+        let mut table = self.table();
+        if table.get(name).is_some_and(|d| d.live.is_none()) {
+            table.remove(name);
+            if persistent {
+                remove_if_exists(&self.paths().definition(name));
+            }
+        }
     }
 
     /// Drops a transient domain that never ran.

@@ -135,7 +135,8 @@ impl Manager {
         if !known {
             self.insert_transient(def);
         }
-        if let Err(e) = self.start_from(&name, Some(file)).await {
+        let uri = format!("file:{}", file.display());
+        if let Err(e) = self.start_from(&name, Some(&uri)).await {
             if !known {
                 self.forget(&name);
             }

@@ -39,6 +39,8 @@ pub(crate) enum Waiter {
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an incoming migration may take.
+const INCOMING_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub(crate) fn api_socket(run_dir: &Path) -> PathBuf {
     run_dir.join("api.sock")
@@ -50,12 +52,13 @@ pub(crate) fn serial_socket(run_dir: &Path) -> PathBuf {
 }
 
 /// The `oxvirt vmm` arguments for a definition whose NICs got `taps`.
-/// `incoming`: a saved state to restore instead of booting.
+/// `incoming`: a migration URI (`file:` a saved state) to take the
+/// guest from instead of booting.
 pub fn vmm_args(
     def: &DomainDef,
     run_dir: &Path,
     taps: &[String],
-    incoming: Option<&Path>,
+    incoming: Option<&str>,
 ) -> Vec<String> {
     let mut args = vec![
         "vmm".to_owned(),
@@ -88,8 +91,8 @@ pub fn vmm_args(
     if def.rng {
         args.push("--rng".to_owned());
     }
-    if let Some(state) = incoming {
-        args.extend(["--incoming".to_owned(), format!("file:{}", state.display())]);
+    if let Some(uri) = incoming {
+        args.extend(["--incoming".to_owned(), uri.to_owned()]);
     }
     args
 }
@@ -100,7 +103,7 @@ pub(crate) async fn launch(
     opts: &ManagerOptions,
     def: &DomainDef,
     persistent: bool,
-    incoming: Option<&Path>,
+    incoming: Option<&str>,
 ) -> Result<(Live, Waiter), ManagerError> {
     let name = def.name.as_str();
     let paths = &opts.paths;
@@ -157,7 +160,21 @@ pub(crate) async fn launch(
     let settled = async {
         let console =
             connect_console(def, &mut child, &run_dir, &console_log, &vmm_log_path).await?;
-        let tids = settle(def, &mut child, cgroup.as_ref(), &api, &vmm_log_path).await?;
+        // A VMM takes commands once its guest is in: for a migration that
+        // is when the source has sent it.
+        let timeout = match incoming {
+            Some(_) => INCOMING_TIMEOUT,
+            None => START_TIMEOUT,
+        };
+        let tids = settle(
+            def,
+            &mut child,
+            cgroup.as_ref(),
+            &api,
+            &vmm_log_path,
+            timeout,
+        )
+        .await?;
         Ok::<_, ManagerError>((console, tids))
     };
     match settled.await {
@@ -241,7 +258,7 @@ pub(crate) async fn reconnect_console(run_dir: &Path, console_log: &Path) -> Opt
 fn spawn(
     opts: &ManagerOptions,
     def: &DomainDef,
-    (run_dir, incoming): (&Path, Option<&Path>),
+    (run_dir, incoming): (&Path, Option<&str>),
     taps: &[String],
     cgroup: Option<&DomainCgroup>,
     vmm_log_path: &Path,
@@ -338,13 +355,14 @@ async fn settle(
     cgroup: Option<&DomainCgroup>,
     api: &Path,
     vmm_log: &Path,
+    timeout: Duration,
 ) -> Result<Vec<u32>, ManagerError> {
     let name = def.name.as_str();
     let failed = |detail: String| ManagerError::StartFailed {
         domain: name.to_owned(),
         detail,
     };
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return match vmm_error(vmm_log) {
@@ -358,7 +376,7 @@ async fn settle(
         }
         if Instant::now() > deadline {
             return Err(failed(format!(
-                "no control socket at {} after {START_TIMEOUT:?}",
+                "no answer on the control socket {} after {timeout:?}",
                 api.display()
             )));
         }
@@ -474,6 +492,7 @@ pub(crate) fn classify(live: &Live, exit: Exit, vmm_log: &Path) -> (State, Reaso
         Some(StopRequest::Destroy) => return (State::ShutOff, Reason::Destroyed),
         Some(StopRequest::Shutdown) => return (State::ShutOff, Reason::Shutdown),
         Some(StopRequest::Save) => return (State::ShutOff, Reason::Saved),
+        Some(StopRequest::Migrate) => return (State::ShutOff, Reason::Migrated),
         None => {}
     }
     let oom_kills = live

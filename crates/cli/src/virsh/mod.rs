@@ -11,6 +11,7 @@ use anyhow::Context;
 use daemon::blkio::BlkioTune;
 use daemon::client::{block_on, Client};
 use daemon::devices::DiskThrottle;
+use daemon::migrate::MigrateParameters;
 use daemon::paths::{socket_for_uri, Mode, Paths};
 use daemon::run_spec::RunSpec;
 use daemon::settings::{Modify, Sizing, VcpuPin};
@@ -101,6 +102,36 @@ pub struct RestoreArgs {
     connect: Connect,
     /// A state file written by save.
     file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// The destination oxvirtd: oxvirt:///system, oxvirt:///session or its socket path.
+    desturi: String,
+    /// Live migration (the only kind: the guest runs while its memory moves).
+    #[arg(long)]
+    live: bool,
+    /// Define the domain on the destination too.
+    #[arg(long)]
+    persistent: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SetspeedArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// MiB/s.
+    bandwidth: u64,
+}
+
+#[derive(clap::Args)]
+pub struct SetdowntimeArgs {
+    #[command(flatten)]
+    dom: Dom,
+    /// Milliseconds.
+    downtime: u64,
 }
 
 #[derive(clap::Args)]
@@ -397,6 +428,16 @@ pub enum Verb {
     Domblkstat(DomblkstatArgs),
     /// Show a NIC's counters.
     Domifstat(DomifstatArgs),
+    /// Move a running domain to another oxvirtd.
+    Migrate(MigrateArgs),
+    /// Cap a running migration's bandwidth (MiB/s).
+    #[command(name = "migrate-setspeed")]
+    MigrateSetspeed(SetspeedArgs),
+    /// Set the pause a migration may end with (ms).
+    #[command(name = "migrate-setmaxdowntime")]
+    MigrateSetmaxdowntime(SetdowntimeArgs),
+    /// Show a running save or migration job.
+    Domjobinfo(Dom),
     /// Save a running domain's state to a file and stop it.
     Save(SaveArgs),
     /// Run a domain again from a state file written by save.
@@ -503,6 +544,37 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
             let c = a.dom.connect.client()?;
             print::domifstat(&wait(c.domifstat(&a.dom.domain, &a.interface))?);
         }
+        Verb::Migrate(a) => {
+            let destination = socket_for_uri(&a.desturi)?;
+            let c = a.dom.connect.client()?;
+            wait(c.migrate(&a.dom.domain, &destination, a.persistent))?;
+            println!("Domain '{}' migrated to {}", a.dom.domain, a.desturi);
+        }
+        Verb::MigrateSetspeed(a) => {
+            let change = MigrateParameters {
+                max_bandwidth_mib: Some(a.bandwidth),
+                ..MigrateParameters::default()
+            };
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .migrate_parameters(&a.dom.domain, &change),
+            )?;
+        }
+        Verb::MigrateSetmaxdowntime(a) => {
+            let change = MigrateParameters {
+                downtime_limit_ms: Some(a.downtime),
+                ..MigrateParameters::default()
+            };
+            wait(
+                a.dom
+                    .connect
+                    .client()?
+                    .migrate_parameters(&a.dom.domain, &change),
+            )?;
+        }
+        Verb::Domjobinfo(d) => print::jobinfo(&wait(d.connect.client()?.job_info(&d.domain))?),
         Verb::Save(a) => {
             let file = std::path::absolute(&a.file).context("save file")?;
             wait(a.dom.connect.client()?.save(&a.dom.domain, &file))?;

@@ -221,3 +221,33 @@ pub fn domifstat(s: &InterfaceStats) {
         println!("{} {key} {value}", s.interface);
     }
 }
+
+/// domjobinfo from the VMM's query-migrate.
+pub fn jobinfo(info: &serde_json::Value) {
+    let status = info["status"].as_str().unwrap_or("none");
+    let kind = match status {
+        "none" => "None",
+        "active" | "setup" | "pre-switchover" | "device" => "Unbounded",
+        "completed" => "Completed",
+        _ => "Failed",
+    };
+    println!("{:<22}{kind}", "Job type:");
+    println!("{:<22}{status}", "Status:");
+    let ms = |key: &str| info[key].as_u64().map(|v| format!("{v} ms"));
+    let mib = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|b| format!("{:.3} MiB", b as f64 / 1048576.0))
+    };
+    for (label, value) in [
+        ("Time elapsed:", ms("total-time")),
+        ("Expected downtime:", ms("expected-downtime")),
+        ("Downtime:", ms("downtime")),
+        ("Data processed:", mib(&info["ram"]["transferred"])),
+        ("Data remaining:", mib(&info["ram"]["remaining"])),
+        ("Data total:", mib(&info["ram"]["total"])),
+    ] {
+        if let Some(value) = value {
+            println!("{label:<22}{value}");
+        }
+    }
+}
