@@ -52,7 +52,8 @@ def run_until(cmd, marker, timeout=300):
     """Runs cmd until a stdout line containing marker; (line, Popen) with the VM still up."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out, t0 = b"", time.monotonic()
-    while marker.encode() not in out:
+    # The whole line: a read may end in the middle of it.
+    while not re.search(re.escape(marker).encode() + rb".*\n", out):
         b = p.stdout.read1(65536)
         if not b or time.monotonic() - t0 > timeout:
             p.kill(); p.wait()

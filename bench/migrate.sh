@@ -78,7 +78,7 @@ def wait_for(tag, pattern, timeout):
         time.sleep(0.1)
     return None
 def rates(text):
-    return [float(x) for x in re.findall(r"PROBE RESULT mem pass=\d+ .*?dirty_mib_s=([\d.]+)", text)]
+    return [float(x) for x in re.findall(r"PROBE RESULT mem pass=\d+ .*?dirty_mib_s=([\d.]+) verify=", text)]
 
 def migrate(tool, rate, limit):
     mk = oxvirt if tool == "oxvirt" else qemu
