@@ -74,7 +74,7 @@ impl Disk {
     }
 
     pub fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(io(&self.path))?.len())
+        file_size(&self.file).map_err(io(&self.path))
     }
 
     /// Reads metadata; a short read means the metadata points past the end
@@ -264,4 +264,18 @@ pub fn be64_at(buf: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&buf[at..at + 8]);
     u64::from_be_bytes(b)
+}
+
+/// A file's size; a host block device (whose metadata says 0) is measured
+/// by seeking to its end (all I/O here is positional, so the offset moving
+/// does not matter).
+pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut file = file;
+        return file.seek(SeekFrom::End(0));
+    }
+    Ok(meta.len())
 }

@@ -75,11 +75,14 @@ pub struct ImageInfo {
 
 fn file_node(path: &Path) -> Result<ImageInfo> {
     let meta = std::fs::metadata(path).map_err(io(path))?;
+    let size = std::fs::File::open(path)
+        .and_then(|f| crate::disk::file_size(&f))
+        .map_err(io(path))?;
     Ok(ImageInfo {
         children: Vec::new(),
         backing_filename_format: None,
         snapshots: None,
-        virtual_size: meta.len().div_ceil(512) * 512,
+        virtual_size: size.div_ceil(512) * 512,
         filename: path.display().to_string(),
         cluster_size: None,
         format: "file".into(),

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
+use super::{refcount, snapshot, Qcow2, State, COMPRESSED, COPIED, OFFSET_MASK};
 use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +114,6 @@ fn scan(q: &Qcow2, st: &mut State) -> Result<Scan> {
     walk_snapshots(q, st, &mut s)?;
     count_refcount_structure(q, st, &mut s)?;
     compare(q, st, &mut s)?;
-    check_copied(q, st, &mut s)?;
     Ok(s)
 }
 
@@ -235,44 +234,78 @@ fn count_refcount_structure(q: &Qcow2, st: &State, s: &mut Scan) -> Result<()> {
     Ok(())
 }
 
+/// The stored refcounts, block by block, read once for the whole scan
+/// (a lookup per cluster through the refcount cache costs more than the
+/// scan itself).
+struct Stored {
+    order: u32,
+    per: u64,
+    blocks: Vec<Option<Vec<u8>>>,
+}
+
+impl Stored {
+    fn load(q: &Qcow2, st: &mut State, clusters: u64) -> Stored {
+        let per = st.refs.per_block();
+        // Clusters past what the table can count (hostile entries) read 0.
+        let tables = clusters.div_ceil(per).min(st.refs.table.len() as u64);
+        let blocks = (0..tables)
+            .map(|t| st.refs.block_copy(q.disk(), t as usize).unwrap_or(None))
+            .collect();
+        Stored {
+            order: st.refs.order(),
+            per,
+            blocks,
+        }
+    }
+
+    fn get(&self, c: u64) -> u64 {
+        match self.blocks.get((c / self.per) as usize) {
+            Some(Some(b)) => refcount::get_entry(b, self.order, c % self.per),
+            _ => 0,
+        }
+    }
+}
+
 fn compare(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
-    let nb = s
-        .file_len
-        .div_ceil(q.cluster_size())
-        .max(s.counted.len() as u64);
+    let cs = q.cluster_size();
+    let nb = s.file_len.div_ceil(cs).max(s.counted.len() as u64);
+    let max_owned = s
+        .owners
+        .iter()
+        .map(|&(_, e)| (e & OFFSET_MASK) / cs + 1)
+        .max()
+        .unwrap_or(0);
+    let stored = Stored::load(q, st, nb.max(max_owned));
     for c in 0..nb {
-        let stored = st.refs.get(q.disk(), c).unwrap_or(0);
+        let refcount = stored.get(c);
         let counted = s.counted.get(c as usize).copied().unwrap_or(0);
         // As QEMU: the image ends after the last cluster counted or stored.
-        if stored > 0 || counted > 0 {
-            s.result.image_end_offset = (c + 1) * q.cluster_size();
+        if refcount > 0 || counted > 0 {
+            s.result.image_end_offset = (c + 1) * cs;
         }
-        if stored == counted {
+        if refcount == counted {
             continue;
         }
-        if stored > counted {
+        if refcount > counted {
             s.result.leaks += 1;
             s.result.messages.push(format!(
-                "Leaked cluster {c} refcount={stored} reference={counted}"
+                "Leaked cluster {c} refcount={refcount} reference={counted}"
             ));
         } else {
             s.result.corruptions += 1;
             s.result.messages.push(format!(
-                "ERROR cluster {c} refcount={stored} reference={counted}"
+                "ERROR cluster {c} refcount={refcount} reference={counted}"
             ));
         }
-        s.mismatches.push((c, stored, counted));
+        s.mismatches.push((c, refcount, counted));
     }
+    check_copied(cs, &stored, s);
     Ok(())
 }
 
-fn check_copied(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
-    let cs = q.cluster_size();
+fn check_copied(cs: u64, stored: &Stored, s: &mut Scan) {
     for &(owner, entry) in &s.owners {
-        let refcount = st
-            .refs
-            .get(q.disk(), (entry & OFFSET_MASK) / cs)
-            .unwrap_or(0);
+        let refcount = stored.get((entry & OFFSET_MASK) / cs);
         if (refcount == 1) == (entry & COPIED != 0) {
             continue;
         }
@@ -284,7 +317,6 @@ fn check_copied(q: &Qcow2, st: &mut State, s: &mut Scan) -> Result<()> {
         s.result.messages.push(what);
         s.copied_wrong.push((owner, entry));
     }
-    Ok(())
 }
 
 /// Returns (leaks fixed, corruptions fixed, messages).

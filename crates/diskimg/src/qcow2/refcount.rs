@@ -122,6 +122,11 @@ impl Refcounts {
         Ok(Some(off))
     }
 
+    /// A copy of refcount block `t`; None where the table has no block.
+    pub fn block_copy(&mut self, disk: &Disk, t: usize) -> Result<Option<Vec<u8>>> {
+        Ok(self.block(disk, t)?.map(|off| self.blocks[&off].clone()))
+    }
+
     pub fn get(&mut self, disk: &Disk, cluster: u64) -> Result<u64> {
         let per = self.per_block();
         match self.block(disk, (cluster / per) as usize)? {
