@@ -531,3 +531,30 @@ fn heavy_vmm_net_moves_100_mib_over_a_tap_in_a_namespace() {
     assert!(console.contains("udp_datagrams=2"), "{console}");
     assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(1));
 }
+
+/// A host block device as the disk: sized by seeking (its metadata says 0).
+#[test]
+fn heavy_vmm_blk_on_a_loop_device() {
+    if !(require_kvm() && require_root()) {
+        return;
+    }
+    let dir = temp_dir("vmm-blk-loop");
+    let backing = raw_image(&dir, "loop.raw", 0, 0);
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let disk = format!("path={device},format=raw,cache=none");
+    let run = boot(
+        &format!("probe=blk probe.mode=seqwrite probe.mib=4 probe.bs=65536 probe.verify=1 probe.seed={SEED}"),
+        &["--disk", &disk],
+    );
+    let _ = Command::new("losetup").args(["-d", &device]).status();
+    assert_ok(&run);
+    let bytes = std::fs::read(&backing).unwrap();
+    assert_eq!(blkpattern::check(&bytes[..4 * MIB], 0, SEED), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
