@@ -1,5 +1,6 @@
 //! The host side of the serial console: where guest output goes and where
-//! guest input comes from (stdio, a file, a unix socket).
+//! guest input comes from (stdio, a file, a unix socket; output while no
+//! socket client is connected is kept, the last 64 KiB, for the next one).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -35,8 +36,41 @@ pub enum Input {
     None,
     Socket {
         listener: UnixListener,
-        client: Arc<Mutex<Option<UnixStream>>>,
+        client: Arc<Mutex<SocketClient>>,
     },
+}
+
+/// Output kept while no client is connected: the latest bytes, so that a
+/// client attaching late (a manager, `console`) still sees the boot.
+const BACKLOG: usize = 64 * 1024;
+
+/// The connected console client, or what the guest printed meanwhile.
+#[derive(Default)]
+pub struct SocketClient {
+    stream: Option<UnixStream>,
+    backlog: std::collections::VecDeque<u8>,
+}
+
+impl SocketClient {
+    fn keep(&mut self, buf: &[u8]) {
+        let tail = &buf[buf.len().saturating_sub(BACKLOG)..];
+        let overflow = (self.backlog.len() + tail.len()).saturating_sub(BACKLOG);
+        self.backlog.drain(..overflow);
+        self.backlog.extend(tail);
+    }
+
+    /// A new client gets the backlog first, then live output.
+    fn attach(&mut self, mut stream: UnixStream) {
+        let (a, b) = self.backlog.as_slices();
+        if stream
+            .write_all(a)
+            .and_then(|()| stream.write_all(b))
+            .is_ok()
+        {
+            self.backlog.clear();
+            self.stream = Some(stream);
+        }
+    }
 }
 
 impl Console {
@@ -61,7 +95,7 @@ impl Console {
                     path: path.clone(),
                     source,
                 })?;
-                let client = Arc::new(Mutex::new(None));
+                let client = Arc::new(Mutex::new(SocketClient::default()));
                 Ok(Console {
                     output: Box::new(SocketWriter(client.clone())),
                     input: Input::Socket { listener, client },
@@ -97,16 +131,19 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Sends output to the connected client, if any; drops it otherwise.
-struct SocketWriter(Arc<Mutex<Option<UnixStream>>>);
+/// Sends output to the connected client, or keeps it for the next one.
+struct SocketWriter(Arc<Mutex<SocketClient>>);
 
 impl Write for SocketWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut client = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = client.as_mut() {
-            if stream.write_all(buf).is_err() {
-                *client = None;
+        match client.stream.as_mut() {
+            Some(stream) => {
+                if stream.write_all(buf).is_err() {
+                    client.stream = None;
+                }
             }
+            None => client.keep(buf),
         }
         Ok(buf.len())
     }
@@ -118,14 +155,17 @@ impl Write for SocketWriter {
 
 fn accept_clients(
     listener: &UnixListener,
-    client: &Arc<Mutex<Option<UnixStream>>>,
+    client: &Arc<Mutex<SocketClient>>,
     serial: &Arc<Mutex<Serial>>,
 ) {
     for stream in listener.incoming().flatten() {
         let Ok(reader) = stream.try_clone() else {
             continue;
         };
-        *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(stream);
         let serial = serial.clone();
         std::thread::spawn(move || pump(reader, &serial));
     }
@@ -151,5 +191,25 @@ fn pump(mut input: impl Read, serial: &Mutex<Serial>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_keeps_the_latest_output_for_the_next_client() {
+        let mut client = SocketClient::default();
+        client.keep(b"boot ");
+        client.keep(&vec![b'x'; BACKLOG]);
+        client.keep(b"login:");
+        assert_eq!(client.backlog.len(), BACKLOG);
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        client.attach(theirs);
+        let mut got = vec![0; BACKLOG];
+        ours.read_exact(&mut got).unwrap();
+        assert!(got.ends_with(b"xlogin:") && got.starts_with(b"xxxx"));
+        assert!(client.backlog.is_empty() && client.stream.is_some());
     }
 }
