@@ -1,8 +1,11 @@
 //! `qemu-img convert`: copy guest contents between formats, keeping zero
 //! ranges sparse and compressing clusters on several threads.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Mutex;
 
 mod pipeline;
 
@@ -257,50 +260,80 @@ struct Chunk {
     buf: Vec<u8>,
 }
 
-/// Copies through the trait with reading and writing on two threads, so
-/// that both copies (source to buffer, buffer to target) run at once.
+/// Copies through the trait: two threads read chunks while this one
+/// writes them in order, so reading and writing overlap (as qemu-img's
+/// parallel requests do). A reader takes a free buffer before it claims
+/// the next chunk, so the chunk the writer waits for always has one.
 fn copy_plain(
     src: &Concat,
     dst: &dyn BlockDevice,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
-    const BUFFERS: usize = 3;
-    let (full_tx, full_rx) = sync_channel::<Chunk>(BUFFERS);
+    const READERS: usize = 2;
+    const BUFFERS: usize = 4;
+    let (full_tx, full_rx) = sync_channel::<(u64, Result<Chunk>)>(BUFFERS);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
         let _ = free_tx.send(vec![0u8; CHUNK as usize]);
     }
+    let free_rx = Mutex::new(free_rx);
+    let next = AtomicU64::new(0);
     std::thread::scope(|s| {
-        let writer = s.spawn(move || -> Result<()> {
-            for chunk in full_rx {
-                write_chunk(dst, &chunk, opts, src.explicit_zeroes(opts))?;
-                let _ = free_tx.send(chunk.buf);
-            }
-            Ok(())
-        });
-        let read = (|| {
-            let mut at = 0;
-            while at < src.size {
-                let n = (src.size - at).min(CHUNK);
-                // Either fails only when the writer stopped; it says why.
-                let Ok(buf) = free_rx.recv() else {
-                    return Ok(());
-                };
-                if full_tx.send(read_chunk(src, at, n, buf)?).is_err() {
-                    return Ok(());
-                }
-                at += n;
-                progress(at as f64 * 100.0 / src.size as f64);
-            }
-            Ok(())
-        })();
+        for _ in 0..READERS {
+            let full = full_tx.clone();
+            let (next, free) = (&next, &free_rx);
+            s.spawn(move || read_chunks(src, next, free, full));
+        }
         drop(full_tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(Error::Usage("the convert writer thread panicked".into())));
-        read.and(written)
+        // Returning drops the channel ends, which stops the readers.
+        write_in_order(src, dst, opts, full_rx, free_tx, progress)
     })
+}
+
+fn read_chunks(
+    src: &Concat,
+    next: &AtomicU64,
+    free: &Mutex<Receiver<Vec<u8>>>,
+    full: SyncSender<(u64, Result<Chunk>)>,
+) {
+    loop {
+        let Ok(buf) = free.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+            return;
+        };
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let at = i * CHUNK;
+        if at >= src.size {
+            return;
+        }
+        let chunk = read_chunk(src, at, (src.size - at).min(CHUNK), buf);
+        if full.send((i, chunk)).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_in_order(
+    src: &Concat,
+    dst: &dyn BlockDevice,
+    opts: &ConvertOptions,
+    full: Receiver<(u64, Result<Chunk>)>,
+    free: Sender<Vec<u8>>,
+    progress: &mut dyn FnMut(f64),
+) -> Result<()> {
+    let mut next = 0;
+    let mut waiting = BTreeMap::new();
+    for (i, chunk) in full {
+        waiting.insert(i, chunk?);
+        while let Some(chunk) = waiting.remove(&next) {
+            write_chunk(dst, &chunk, opts, src.explicit_zeroes(opts))?;
+            let end = (chunk.start + CHUNK).min(src.size);
+            progress(end as f64 * 100.0 / src.size as f64);
+            let _ = free.send(chunk.buf);
+            next += 1;
+        }
+    }
+    Ok(())
 }
 
 fn read_chunk(src: &Concat, start: u64, len: u64, mut buf: Vec<u8>) -> Result<Chunk> {
