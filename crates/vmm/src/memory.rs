@@ -51,6 +51,25 @@ pub struct GuestRam {
     dirty_logging: bool,
 }
 
+/// Asks for transparent huge pages (as QEMU does for guest RAM): fewer TLB
+/// misses for the guest, and reads of untouched RAM (a migration's first
+/// pass) fault in one huge zero page per 2 MiB instead of 512 small ones.
+/// Only a hint: a kernel without THP keeps small pages.
+fn advise_huge_pages(slot: &Slot) {
+    // SAFETY: the range is exactly one private anonymous mapping owned by
+    // the GuestMemory being built; MADV_HUGEPAGE changes no contents.
+    let rc = unsafe {
+        libc::madvise(
+            slot.host_addr as *mut libc::c_void,
+            slot.size as usize,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("MADV_HUGEPAGE: {}", std::io::Error::last_os_error());
+    }
+}
+
 impl GuestRam {
     /// Maps `size` bytes (split around the MMIO hole) and registers them.
     pub fn new(vm: &VmFd, size: u64) -> Result<Self, MemoryError> {
@@ -70,6 +89,9 @@ impl GuestRam {
                 host_addr: region.as_ptr() as u64,
             })
             .collect();
+        for slot in &slots {
+            advise_huge_pages(slot);
+        }
         let ram = GuestRam {
             memory,
             slots,

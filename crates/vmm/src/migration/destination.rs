@@ -80,6 +80,12 @@ fn apply(
     };
     match page {
         PageData::Zero => {
+            // Most zero pages land on untouched RAM: writing them would
+            // allocate memory the guest never used.
+            memory.read_slice(scratch, at).map_err(outside)?;
+            if super::is_zero(scratch) {
+                return Ok(());
+            }
             scratch.fill(0);
             memory.write_slice(scratch, at).map_err(outside)
         }

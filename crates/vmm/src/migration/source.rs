@@ -279,11 +279,6 @@ struct Engine<'a> {
     pending: u64,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-}
-
 /// Every page of every region, as the bulk pass visits them.
 fn all_pages(memory: &GuestMemory) -> DirtyBitmap {
     memory
@@ -368,7 +363,7 @@ impl<'a> Engine<'a> {
             }
         };
         let xbzrle = self.xbzrle.as_mut().filter(|_| !bulk);
-        if is_zero(&self.page) {
+        if super::is_zero(&self.page) {
             if let Some(x) = xbzrle {
                 x.zero_page(addr);
             }
