@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use oxvirt_probe::blkpattern;
 use serde_json::{json, Value};
 use testkit::{free_port, probe_kernel, probe_kernel_virtio, require_kvm, require_root};
-use vmm_common::{temp_dir, Session};
+use vmm_common::{temp_dir, tool, vmm_command, Session};
 
 const PASS: &str = "PROBE RESULT mem pass=";
 
@@ -27,14 +27,9 @@ fn vm_args(cmdline: &str) -> Vec<String> {
         .into()
 }
 
-fn start(name: &str, kernel: &Path, args: &[String]) -> Session {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Session::start(name, kernel, &args)
-}
-
 /// A source running the `mem` workload, after its first pass.
 fn source(name: &str, dirty_mib_s: u32) -> Session {
-    let s = start(name, &probe_kernel(), &vm_args(&mem_cmdline(dirty_mib_s)));
+    let s = Session::start(name, &probe_kernel(), &vm_args(&mem_cmdline(dirty_mib_s)));
     s.wait_count(PASS, 1, Duration::from_secs(30));
     s
 }
@@ -43,10 +38,7 @@ fn source(name: &str, dirty_mib_s: u32) -> Session {
 fn destination(name: &str, dirty_mib_s: u32, incoming: &str) -> Session {
     let mut args = vm_args(&mem_cmdline(dirty_mib_s));
     args.extend(["--incoming".into(), incoming.into()]);
-    let kernel = probe_kernel();
-    let mut command = vmm_common::oxvirt();
-    command.arg("vmm").arg("--kernel").arg(kernel).args(&args);
-    Session::spawn(name, command)
+    Session::spawn(name, vmm_command(&probe_kernel(), &args))
 }
 
 /// Polls `query-migrate` until the status is final; returns the answer.
@@ -135,15 +127,6 @@ fn heavy_migrate_through_gzip_and_save_restore_through_a_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Two namespaces ("hosts") joined by a veth pair: 10.79.0.1 and 10.79.0.2.
 struct TwoHosts(String, String);
 
@@ -152,16 +135,19 @@ impl TwoHosts {
         let id = std::process::id() % 100_000;
         let (a, b) = (format!("oxvirt-mig-a-{id}"), format!("oxvirt-mig-b-{id}"));
         let hosts = TwoHosts(a.clone(), b.clone());
-        ip(&["netns", "add", &a]);
-        ip(&["netns", "add", &b]);
+        tool("ip", &["netns", "add", &a]);
+        tool("ip", &["netns", "add", &b]);
         let (va, vb) = (format!("oxma{id}"), format!("oxmb{id}"));
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        ip(&["link", "set", &va, "netns", &a]);
-        ip(&["link", "set", &vb, "netns", &b]);
+        tool(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        );
+        tool("ip", &["link", "set", &va, "netns", &a]);
+        tool("ip", &["link", "set", &vb, "netns", &b]);
         for (ns, dev, addr) in [(&a, &va, "10.79.0.1/24"), (&b, &vb, "10.79.0.2/24")] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            tool("ip", &["-n", ns, "addr", "add", addr, "dev", dev]);
+            tool("ip", &["-n", ns, "link", "set", dev, "up"]);
+            tool("ip", &["-n", ns, "link", "set", "lo", "up"]);
         }
         hosts
     }
@@ -409,9 +395,7 @@ fn heavy_failed_migrations_leave_the_source_running() {
     ] {
         let bad = dir.join(name);
         std::fs::write(&bad, content).unwrap();
-        let mut command = vmm_common::oxvirt();
-        command.arg("vmm").arg("--kernel").arg(probe_kernel());
-        command.args(vm_args(&mem_cmdline(64)));
+        let mut command = vmm_command(&probe_kernel(), &vm_args(&mem_cmdline(64)));
         command
             .arg("--incoming")
             .arg(format!("file:{}", bad.display()));
@@ -437,13 +421,11 @@ fn heavy_migrate_a_disk_being_written() {
     }
     let dir = temp_dir("migrate-disk");
     let image = dir.join("disk.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let image_path = image.to_str().unwrap();
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_path, "16M"],
+    );
     let seed = 0x5a5a;
     let disk = format!("path={},format=qcow2,write_bps=2M", image.display());
     let cmdline = format!(
@@ -453,18 +435,12 @@ fn heavy_migrate_a_disk_being_written() {
         .map(str::to_owned)
         .into();
     let kernel = probe_kernel_virtio();
-    let mut src = start("migrate-disk-src", &kernel, &args);
+    let mut src = Session::start("migrate-disk-src", &kernel, &args);
     std::thread::sleep(Duration::from_millis(1500));
     let sock = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst_args = args.clone();
     dst_args.extend(["--incoming".into(), sock.clone()]);
-    let mut command = vmm_common::oxvirt();
-    command
-        .arg("vmm")
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(&dst_args);
-    let dst = Session::spawn("migrate-disk-dst", command);
+    let dst = Session::spawn("migrate-disk-dst", vmm_command(&kernel, &dst_args));
     let info = migrate(&mut src, &sock);
     assert_completed(&mut src, &info);
     assert!(
@@ -476,12 +452,10 @@ fn heavy_migrate_a_disk_being_written() {
     drop(src);
     assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(1));
     let flat = dir.join("flat.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .args([&image, &flat])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", image_path, flat.to_str().unwrap()],
+    );
     let bytes = std::fs::read(&flat).unwrap();
     assert_eq!(blkpattern::check(&bytes[..8 << 20], 0, seed), Ok(()));
     assert!(bytes[8 << 20..].iter().all(|&b| b == 0));

@@ -19,6 +19,26 @@ pub fn oxvirt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_oxvirt"))
 }
 
+/// `oxvirt vmm --kernel KERNEL ARGS`, not started.
+pub fn vmm_command<S: AsRef<std::ffi::OsStr>>(kernel: &Path, args: &[S]) -> Command {
+    let mut command = oxvirt();
+    command.arg("vmm").arg("--kernel").arg(kernel).args(args);
+    command
+}
+
+/// Runs a helper tool that must succeed (`ip`, `qemu-img`).
+pub fn tool(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `oxvirt vmm` with `args`, run to its end (killed after `timeout`).
 pub fn vmm(args: &[&str], timeout: Duration) -> VmRun {
     let mut cmd = oxvirt();
@@ -152,10 +172,8 @@ pub struct Session {
 impl Session {
     /// Starts `oxvirt vmm --kernel KERNEL ARGS` with its console in a file
     /// and its control socket connected.
-    pub fn start(name: &str, kernel: &Path, args: &[&str]) -> Session {
-        let mut command = oxvirt();
-        command.arg("vmm").arg("--kernel").arg(kernel).args(args);
-        Session::spawn(name, command)
+    pub fn start<S: AsRef<std::ffi::OsStr>>(name: &str, kernel: &Path, args: &[S]) -> Session {
+        Session::spawn(name, vmm_command(kernel, args))
     }
 
     /// Runs `command` (an `oxvirt vmm` command line, possibly behind a
