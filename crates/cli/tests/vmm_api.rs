@@ -109,3 +109,103 @@ fn heavy_api_bad_commands_get_errors_and_the_session_goes_on() {
     s.execute("quit");
     assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn heavy_api_bad_device_and_migration_arguments_get_errors() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let mut s = probe_session("vmm-api-bad-args", MEM_LOOP, 1);
+    for (command, arguments, class, says) in [
+        (
+            "block_set_io_throttle",
+            json!({"bps": 1}),
+            "GenericError",
+            "'device'",
+        ),
+        (
+            "block_set_io_throttle",
+            json!({"device": "disk9"}),
+            "DeviceNotFound",
+            "disk9",
+        ),
+        (
+            "net_set_throttle",
+            json!({"device": "net0", "bps": "fast"}),
+            "DeviceNotFound",
+            "net0",
+        ),
+        ("set_link", json!({"name": "net0"}), "GenericError", "'up'"),
+        ("migrate", json!({}), "GenericError", "'uri'"),
+        (
+            "migrate",
+            json!({"uri": "ftp:host"}),
+            "GenericError",
+            "unknown scheme",
+        ),
+        (
+            "migrate",
+            json!({"uri": "tcp:host"}),
+            "GenericError",
+            "tcp:HOST:PORT",
+        ),
+        (
+            "migrate-set-parameters",
+            json!({"downtime-limit": -1}),
+            "GenericError",
+            "downtime-limit",
+        ),
+        (
+            "migrate-set-parameters",
+            json!({"max-cpu-throttle": 100}),
+            "GenericError",
+            "1 to 99",
+        ),
+        (
+            "migrate-set-parameters",
+            json!({"speed": 1}),
+            "GenericError",
+            "speed",
+        ),
+        (
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "warp", "state": true}]}),
+            "GenericError",
+            "warp",
+        ),
+        (
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "xbzrle"}]}),
+            "GenericError",
+            "state",
+        ),
+    ] {
+        let reply = s.execute_with(command, arguments.clone());
+        assert_eq!(
+            reply["error"]["class"], class,
+            "{command} {arguments}: {reply}"
+        );
+        let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains(says), "{command} {arguments}: {reply}");
+    }
+    let e = s.send_raw(r#"{"execute": "query-block", "arguments": [1]}"#);
+    assert!(
+        e["error"]["desc"].as_str().unwrap().contains("arguments"),
+        "{e}"
+    );
+    // Nothing was changed by the refused requests, and the guest runs on.
+    let params = s.ok("query-migrate-parameters", json!({}));
+    assert_eq!(
+        (
+            params["downtime-limit"].as_u64(),
+            params["max-cpu-throttle"].as_u64()
+        ),
+        (Some(300), Some(99))
+    );
+    assert_eq!(s.ok("query-migrate", json!({})), json!({}));
+    assert_eq!(s.ok("query-block", json!({})), json!([]));
+    let passes = s.count(PASS);
+    s.wait_count(PASS, passes + 1, Duration::from_secs(10));
+    s.execute("quit");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+}

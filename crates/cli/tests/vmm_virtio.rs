@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use oxvirt_probe::blkpattern;
 use serde_json::json;
 use testkit::{probe_kernel_virtio, require, require_kvm, require_root, VmRun};
-use vmm_common::{oxvirt, temp_dir, vmm, Session};
+use vmm_common::{oxvirt, temp_dir, tool, vmm, Session};
 
 const MIB: usize = 1 << 20;
 const DISK_MIB: usize = 24;
@@ -67,11 +67,6 @@ fn compare_both(expected: &Path, image: &Path, format: &str) -> (i32, i32) {
     (run(oxvirt().arg("img")), run(&mut Command::new("qemu-img")))
 }
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-}
-
 #[test]
 fn heavy_vmm_blk_guest_writes_are_on_the_image_for_raw_qcow2_and_overlays() {
     if !require_kvm() {
@@ -82,14 +77,17 @@ fn heavy_vmm_blk_guest_writes_are_on_the_image_for_raw_qcow2_and_overlays() {
     let base = raw_image(&dir, "base.raw", DISK_MIB, base_seed);
     let raw = raw_image(&dir, "disk.raw", 0, 0);
     let qcow2 = dir.join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        qcow2.to_str().unwrap(),
-        "24M",
-    ]);
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "24M",
+        ],
+    );
     let overlay = dir.join("overlay.qcow2");
     let status = oxvirt()
         .args(["img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -151,16 +149,19 @@ fn heavy_vmm_blk_guest_verifies_what_the_host_wrote() {
     let dir = temp_dir("vmm-blk-read");
     let raw = raw_image(&dir, "disk.raw", 16, SEED);
     let qcow2 = dir.join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow2.to_str().unwrap(),
-    ]);
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow2.to_str().unwrap(),
+        ],
+    );
     for (image, format) in [(&raw, "raw"), (&qcow2, "qcow2")] {
         let disk = format!("path={},format={format},readonly=on", image.display());
         for (mode, bs) in [("seqread", MIB), ("randread", 4096)] {
@@ -357,6 +358,12 @@ fn heavy_vmm_bad_devices_are_named_before_the_guest_runs() {
         ),
         ("--net", "tap=/x".into(), "tap= must be"),
         ("--net", "tap=oxnone0,mac=01:02".into(), "mac=01:02"),
+        ("--incoming", "ftp:somewhere".into(), "unknown scheme"),
+        (
+            "--incoming",
+            format!("file:{}", missing.display()),
+            "missing.raw",
+        ),
     ] {
         let run = boot("probe=hello", &[flag, &value]);
         assert_eq!(
@@ -372,15 +379,6 @@ fn heavy_vmm_bad_devices_are_named_before_the_guest_runs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A network namespace with a tap (10.78.0.1/24) for the guest; deleted,
 /// tap included, on drop.
 struct TapNamespace {
@@ -394,12 +392,15 @@ impl TapNamespace {
         let ns = host::net::NetNs::create(&format!("oxvirt-{tag}-{suffix}")).expect("netns");
         let tap = format!("oxvn{suffix}");
         let n = ns.name();
-        ip(&["-n", n, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", n, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
-        ]);
-        ip(&["-n", n, "link", "set", &tap, "up"]);
-        ip(&["-n", n, "addr", "add", "10.78.0.1/24", "dev", &tap]);
+        tool("ip", &["-n", n, "link", "set", "lo", "up"]);
+        tool(
+            "ip",
+            &[
+                "-n", n, "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
+            ],
+        );
+        tool("ip", &["-n", n, "link", "set", &tap, "up"]);
+        tool("ip", &["-n", n, "addr", "add", "10.78.0.1/24", "dev", &tap]);
         TapNamespace { ns, tap }
     }
 }

@@ -205,7 +205,7 @@ impl Outgoing {
         let list = (args.get("capabilities").and_then(Value::as_array)).ok_or_else(|| {
             MigrateCommandError::Invalid("Parameter 'capabilities' is missing".into())
         })?;
-        let mut merged = to_object(&self.caps);
+        let mut changes = Vec::with_capacity(list.len());
         for item in list {
             let name = item.get("capability").and_then(Value::as_str);
             let state = item.get("state").and_then(Value::as_bool);
@@ -214,9 +214,9 @@ impl Outgoing {
                     "expected {{\"capability\": NAME, \"state\": BOOL}}, got {item}"
                 )));
             };
-            merged.insert(name.to_owned(), Value::Bool(state));
+            changes.push((name.to_owned(), Value::Bool(state)));
         }
-        let caps: Capabilities = from_object(merged, "capability")?;
+        let caps = with_changes(&self.caps, changes, "capability")?;
         caps.validate()
             .map_err(|e| MigrateCommandError::Invalid(e.to_string()))?;
         self.caps = caps;
@@ -233,11 +233,8 @@ impl Outgoing {
 
     /// `migrate-set-parameters`: QEMU's names, unnamed ones unchanged.
     pub fn set_parameters(&mut self, args: &Value) -> Result<(), MigrateCommandError> {
-        let mut merged = to_object(&self.params);
-        if let Some(given) = args.as_object() {
-            merged.extend(given.clone());
-        }
-        let params: Parameters = from_object(merged, "parameter")?;
+        let given = args.as_object().cloned().unwrap_or_default();
+        let params = with_changes(&self.params, given, "parameter")?;
         params
             .validate()
             .map_err(|e| MigrateCommandError::Invalid(e.to_string()))?;
@@ -257,10 +254,23 @@ fn to_object<T: serde::Serialize>(value: &T) -> Map<String, Value> {
     }
 }
 
-fn from_object<T: serde::de::DeserializeOwned>(
-    map: Map<String, Value>,
+/// `current` with `changes` applied one at a time, so that an error names
+/// the capability or parameter it is about (serde's own may not).
+fn with_changes<T: serde::Serialize + serde::de::DeserializeOwned>(
+    current: &T,
+    changes: impl IntoIterator<Item = (String, Value)>,
     what: &str,
 ) -> Result<T, MigrateCommandError> {
-    serde_json::from_value(Value::Object(map))
-        .map_err(|e| MigrateCommandError::Invalid(format!("bad migration {what}: {e}")))
+    let mut merged = to_object(current);
+    let mut result = serde_json::from_value(Value::Object(merged.clone()));
+    for (name, value) in changes {
+        merged.insert(name.clone(), value);
+        result = serde_json::from_value(Value::Object(merged.clone()));
+        if let Err(e) = &result {
+            return Err(MigrateCommandError::Invalid(format!(
+                "migration {what} {name:?}: {e}"
+            )));
+        }
+    }
+    result.map_err(|e| MigrateCommandError::Invalid(format!("migration {what}s: {e}")))
 }
