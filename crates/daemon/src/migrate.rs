@@ -15,12 +15,20 @@ use serde_json::{json, Value};
 use crate::client::Client;
 use crate::config::{write_atomic, DomainDef};
 use crate::error::ManagerError;
-use crate::manager::{Manager, StopRequest};
+use crate::manager::{Live, Manager, StopRequest};
 use crate::vmm_client;
 
 /// How long the destination may take to bind its incoming socket.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a migration may take.
+/// One outgoing migration of a domain's VMM, as migrate and save run it.
+pub(crate) struct MigrationJob<'a> {
+    pub uri: &'a str,
+    pub action: &'static str,
+    pub stop: StopRequest,
+    pub timeout: Duration,
+}
+
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The destination's answer: where the source's VMM sends the guest.
@@ -115,49 +123,67 @@ impl Manager {
                 field: "destination",
                 reason: format!("{}: {e}", destination.display()),
             })?;
+        let why = |why: String| ManagerError::Invalid {
+            domain: name.to_owned(),
+            field: "migrate",
+            reason: format!("to {}: {why}; the guest runs on here", incoming.uri),
+        };
+        let job = MigrationJob {
+            uri: &incoming.uri,
+            action: "migrate",
+            stop: StopRequest::Migrate,
+            timeout: MIGRATE_TIMEOUT,
+        };
+        self.migrate_then_stop(name, &live, job, why).await
+    }
+
+    /// Runs the VMM's `migrate` to `job.uri` and waits for it; once it
+    /// completed, stops the VMM (the guest now lives in the stream's
+    /// target). A failed or cancelled migration gives `failed(why)`; one
+    /// past the timeout is cancelled. Either way the guest runs on here.
+    pub(crate) async fn migrate_then_stop(
+        &self,
+        name: &str,
+        live: &Live,
+        job: MigrationJob<'_>,
+        failed: impl FnOnce(String) -> ManagerError,
+    ) -> Result<(), ManagerError> {
         let vmm = |source| ManagerError::Vmm {
             domain: name.to_owned(),
             source,
         };
-        vmm_client::execute_with(&live.api, "migrate", Some(json!({ "uri": incoming.uri })))
+        vmm_client::execute_with(&live.api, "migrate", Some(json!({ "uri": job.uri })))
             .await
             .map_err(vmm)?;
-        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        let deadline = Instant::now() + job.timeout;
         loop {
             let info = vmm_client::execute(&live.api, "query-migrate")
                 .await
                 .map_err(vmm)?;
             match info.get("status").and_then(Value::as_str) {
                 Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
-                    let why = info
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("cancelled");
-                    return Err(ManagerError::Invalid {
-                        domain: name.to_owned(),
-                        field: "migrate",
-                        reason: format!("to {}: {why}; the guest runs on here", incoming.uri),
-                    });
+                Some(status @ ("failed" | "cancelled")) => {
+                    let why = info.get("error-desc").and_then(Value::as_str);
+                    return Err(failed(why.unwrap_or(status).to_owned()));
                 }
                 _ if Instant::now() > deadline => {
                     // Best effort: the guest then runs on here.
                     let _ = vmm_client::execute(&live.api, "migrate_cancel").await;
                     return Err(ManagerError::Timeout {
                         domain: name.to_owned(),
-                        action: "migrate",
-                        timeout: MIGRATE_TIMEOUT,
+                        action: job.action,
+                        timeout: job.timeout,
                     });
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        let live = self.request_stop(name, StopRequest::Migrate, "migrate")?;
+        let live = self.request_stop(name, job.stop, job.action)?;
         if let Err(source) = vmm_client::execute(&live.api, "quit").await {
-            tracing::warn!(domain = name, error = %source, "quit after migration failed; killing");
+            tracing::warn!(domain = name, error = %source, "quit after {} failed; killing", job.action);
             crate::supervise::kill(&live);
         }
-        self.expect_exit(name, live.record.pid, "migrate").await
+        self.expect_exit(name, live.record.pid, job.action).await
     }
 
     /// migrate-setspeed (MiB/s) and migrate-setmaxdowntime (ms), passed to

@@ -4,14 +4,12 @@
 //! with `--incoming file:PATH`, which carries on where the guest stopped.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
+use std::time::Duration;
 
 use crate::config::{write_atomic, DomainDef};
 use crate::error::ManagerError;
 use crate::manager::{Manager, StopRequest};
-use crate::vmm_client;
+use crate::migrate::MigrationJob;
 
 /// How long writing the state may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,46 +37,15 @@ impl Manager {
                 file.display()
             )));
         }
-        let vmm = |source| ManagerError::Vmm {
-            domain: name.to_owned(),
-            source,
-        };
         let uri = format!("file:{}", file.display());
-        vmm_client::execute_with(&live.api, "migrate", Some(json!({ "uri": uri })))
-            .await
-            .map_err(vmm)?;
-        let deadline = Instant::now() + SAVE_TIMEOUT;
-        loop {
-            let info = vmm_client::execute(&live.api, "query-migrate")
-                .await
-                .map_err(vmm)?;
-            match info.get("status").and_then(Value::as_str) {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
-                    let why = info
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("the VMM gave no reason");
-                    return Err(invalid(format!("saving to {}: {why}", file.display())));
-                }
-                _ if Instant::now() > deadline => {
-                    // Best effort: stop writing; the guest runs on.
-                    let _ = vmm_client::execute(&live.api, "migrate_cancel").await;
-                    return Err(ManagerError::Timeout {
-                        domain: name.to_owned(),
-                        action: "save",
-                        timeout: SAVE_TIMEOUT,
-                    });
-                }
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        let live = self.request_stop(name, StopRequest::Save, "save")?;
-        if let Err(source) = vmm_client::execute(&live.api, "quit").await {
-            tracing::warn!(domain = name, error = %source, "quit after save failed; killing");
-            crate::supervise::kill(&live);
-        }
-        self.expect_exit(name, live.record.pid, "save").await
+        let job = MigrationJob {
+            uri: &uri,
+            action: "save",
+            stop: StopRequest::Save,
+            timeout: SAVE_TIMEOUT,
+        };
+        let failed = |why| invalid(format!("saving to {}: {why}", file.display()));
+        self.migrate_then_stop(name, &live, job, failed).await
     }
 
     /// virsh save: the state to `file`, the definition beside it.
