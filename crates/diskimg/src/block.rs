@@ -1,4 +1,8 @@
+use crate::iobuf::{self, IoBuf};
 use crate::Result;
+
+/// Largest bounce buffer the default vectored methods use at a time.
+const BOUNCE: u64 = 1 << 20;
 
 /// A virtual disk: byte-addressed, fixed size, shareable between threads.
 ///
@@ -15,6 +19,19 @@ pub trait BlockDevice: Send + Sync {
 
     /// Writes `buf` at `offset`, allocating as the format needs.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// `read_at` into the concatenation of `bufs`. Formats that can read
+    /// straight into them (raw files, qcow2 data runs) do; the default
+    /// reads through a bounce buffer and copies.
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        read_bounced(self, bufs, offset)
+    }
+
+    /// `write_at` of the concatenation of `bufs`; straight from them where
+    /// the format can, else through a bounce buffer.
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        write_bounced(self, bufs, offset)
+    }
 
     /// Makes every completed write durable (data and metadata).
     fn flush(&self) -> Result<()>;
@@ -59,4 +76,40 @@ pub enum Allocation {
     Zero,
     /// Not allocated here: reads from the backing image, or as zeroes.
     Unallocated,
+}
+
+/// `read_vectored_at` through `read_at` and a bounce buffer.
+pub(crate) fn read_bounced<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[IoBuf<'_>],
+    offset: u64,
+) -> Result<()> {
+    let total = iobuf::total_len(bufs);
+    let mut bounce = vec![0u8; total.min(BOUNCE) as usize];
+    let mut done = 0u64;
+    while done < total {
+        let piece = &mut bounce[..(total - done).min(BOUNCE) as usize];
+        dev.read_at(piece, offset + done)?;
+        iobuf::scatter(bufs, done, piece);
+        done += piece.len() as u64;
+    }
+    Ok(())
+}
+
+/// `write_vectored_at` through a bounce buffer and `write_at`.
+pub(crate) fn write_bounced<D: BlockDevice + ?Sized>(
+    dev: &D,
+    bufs: &[IoBuf<'_>],
+    offset: u64,
+) -> Result<()> {
+    let total = iobuf::total_len(bufs);
+    let mut bounce = vec![0u8; total.min(BOUNCE) as usize];
+    let mut done = 0u64;
+    while done < total {
+        let piece = &mut bounce[..(total - done).min(BOUNCE) as usize];
+        iobuf::gather(bufs, done, piece);
+        dev.write_at(piece, offset + done)?;
+        done += piece.len() as u64;
+    }
+    Ok(())
 }

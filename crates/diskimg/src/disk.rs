@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use crate::error::{corrupt, io, Error, Result};
+use crate::iobuf::{self, IoBuf};
 
 /// Alignment assumed where the filesystem does not report one (statx).
 const DEFAULT_ALIGN: u64 = 4096;
@@ -110,6 +111,99 @@ impl Disk {
                 self.file.write_all_at(buf, offset).map_err(io(&self.path))
             }
             None => self.file.write_all_at(buf, offset).map_err(io(&self.path)),
+        }
+    }
+
+    /// `read_data` into the concatenation of `bufs`, straight into them;
+    /// false (nothing read) where O_DIRECT cannot take them as they are,
+    /// so the caller bounces.
+    pub fn read_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<bool> {
+        if !self.vectored_fits(bufs, offset) {
+            return Ok(false);
+        }
+        let mut rest = bufs.to_vec();
+        let mut at = offset;
+        while iobuf::total_len(&rest) > 0 {
+            let n = self.vectored_call(&rest, at, false)?;
+            let ended = n == 0
+                || self
+                    .direct
+                    .as_ref()
+                    .is_some_and(|d| !(n as u64).is_multiple_of(d.offset_align));
+            iobuf::advance(&mut rest, n);
+            at += n as u64;
+            if ended {
+                iobuf::zero(&rest);
+                break;
+            }
+        }
+        Ok(true)
+    }
+
+    /// `write` of the concatenation of `bufs`, straight from them; false
+    /// (nothing written) where O_DIRECT cannot take them as they are.
+    pub fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<bool> {
+        if !self.vectored_fits(bufs, offset) {
+            return Ok(false);
+        }
+        let _shared = self
+            .direct
+            .as_ref()
+            .map(|d| d.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        let mut rest = bufs.to_vec();
+        let mut at = offset;
+        while iobuf::total_len(&rest) > 0 {
+            let n = self.vectored_call(&rest, at, true)?;
+            if n == 0 {
+                return Err(io(&self.path)(std::io::ErrorKind::WriteZero.into()));
+            }
+            iobuf::advance(&mut rest, n);
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
+    /// Whether every buffer suits this file's O_DIRECT alignment, if any.
+    pub fn vectored_fits(&self, bufs: &[IoBuf<'_>], offset: u64) -> bool {
+        self.direct.as_ref().is_none_or(|d| {
+            offset.is_multiple_of(d.offset_align)
+                && bufs.iter().all(|b| d.aligned(b.as_ptr(), 0, b.len()))
+        })
+    }
+
+    /// One `preadv` or `pwritev` of (at most IOV_MAX of) `bufs` at
+    /// `offset`, retried on EINTR; returns the bytes moved.
+    fn vectored_call(&self, bufs: &[IoBuf<'_>], offset: u64, write: bool) -> Result<usize> {
+        use std::os::fd::AsRawFd;
+        const IOV_MAX: usize = 1024;
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .take(IOV_MAX)
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let fd = self.file.as_raw_fd();
+        let at = offset as libc::off_t;
+        loop {
+            // SAFETY: every iovec is an IoBuf, which its maker promised is
+            // mapped readable and writable for as long as it lives; the
+            // kernel reads or fills exactly those ranges.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, at)
+                } else {
+                    libc::preadv(fd, iov.as_ptr(), iov.len() as i32, at)
+                }
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io(&self.path)(e));
+            }
         }
     }
 

@@ -3,9 +3,10 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 
-use crate::block::{Allocation, BlockDevice};
+use crate::block::{self, Allocation, BlockDevice};
 use crate::disk::Disk;
 use crate::error::{io, Error, Result};
+use crate::iobuf::{self, IoBuf};
 
 pub struct Raw {
     disk: Disk,
@@ -68,6 +69,22 @@ impl BlockDevice for Raw {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64, true)?;
         self.disk.write(buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        self.check(offset, iobuf::total_len(bufs), false)?;
+        if self.disk.read_vectored(bufs, offset)? {
+            return Ok(());
+        }
+        block::read_bounced(self, bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        self.check(offset, iobuf::total_len(bufs), true)?;
+        if self.disk.write_vectored(bufs, offset)? {
+            return Ok(());
+        }
+        block::write_bounced(self, bufs, offset)
     }
 
     fn flush(&self) -> Result<()> {

@@ -18,14 +18,18 @@ pub mod snapshot;
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::block::{Allocation, BlockDevice};
+use crate::block::{self, Allocation, BlockDevice};
 use crate::compress;
 use crate::disk::{be64_at, Disk};
 use crate::error::{corrupt, invalid, Error, Result};
 use crate::image::Chain;
+use crate::iobuf::{self, IoBuf};
 use crate::offset_map::OffsetMap;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use refcount::Refcounts;
+
+/// Largest bounce buffer a vectored read uses at a time.
+const BOUNCE: u64 = 1 << 20;
 
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const COPIED: u64 = 1 << 63;
@@ -416,28 +420,71 @@ impl Qcow2 {
     /// Writes into owned allocated clusters only; false (and nothing
     /// written) if any part of the range needs a mapping change.
     fn write_in_place(&self, st: &State, buf: &[u8], offset: u64) -> Result<bool> {
+        let Some(plan) = self.in_place_plan(st, offset, buf.len() as u64)? else {
+            return Ok(false);
+        };
+        for (host, at, len) in plan {
+            self.disk
+                .write(&buf[at as usize..(at + len) as usize], host)?;
+        }
+        Ok(true)
+    }
+
+    /// Where `len` guest bytes at `offset` lie in owned allocated clusters,
+    /// as (host offset, offset into the range, length) runs; None if any
+    /// part of the range needs a mapping change.
+    fn in_place_plan(
+        &self,
+        st: &State,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64, u64)>>> {
         let cs = self.cluster_size();
-        let mut plan: Vec<(u64, usize, usize)> = Vec::new();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let g = offset + done as u64;
+        let mut plan: Vec<(u64, u64, u64)> = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let g = offset + done;
             let in_cl = g % cs;
-            let n = ((buf.len() - done) as u64).min(cs - in_cl);
+            let n = (len - done).min(cs - in_cl);
             let slot = self.slot(st, g)?;
             if !self.in_place(&slot, in_cl, n) {
-                return Ok(false);
+                return Ok(None);
             }
             let host = (slot.entry & OFFSET_MASK) + in_cl;
             match plan.last_mut() {
-                Some((h, _, len)) if *h + *len as u64 == host => *len += n as usize,
-                _ => plan.push((host, done, n as usize)),
+                Some((h, _, run)) if *h + *run == host => *run += n,
+                _ => plan.push((host, done, n)),
             }
-            done += n as usize;
+            done += n;
         }
-        for (host, at, len) in plan {
-            self.disk.write(&buf[at..at + len], host)?;
+        Ok(Some(plan))
+    }
+
+    /// `read_vectored_at` under the read lock: data runs go straight into
+    /// `bufs`, everything else (backing file, zeroes, compressed clusters,
+    /// O_DIRECT misalignment) through a bounce buffer.
+    fn read_vectored_locked(&self, st: &State, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        let total = iobuf::total_len(bufs);
+        let mut done = 0u64;
+        while done < total {
+            let g = offset + done;
+            let (map, n) = self.map(st, g, total - done)?;
+            if let Map::Data(host) = map {
+                let run = self.data_run(st, host, g, n, total - done)?;
+                if self
+                    .disk
+                    .read_vectored(&iobuf::sub_range(bufs, done, done + run), host)?
+                {
+                    done += run;
+                    continue;
+                }
+            }
+            let mut bounce = vec![0u8; n.min(BOUNCE) as usize];
+            self.read_locked(st, &mut bounce, g)?;
+            iobuf::scatter(bufs, done, &bounce);
+            done += bounce.len() as u64;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Makes the L2 table for `guest` exist and be owned by the active L1
@@ -866,6 +913,37 @@ impl BlockDevice for Qcow2 {
         }
         let mut st = self.write_lock();
         self.write_locked(&mut st, buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        let st = self.read();
+        self.check_range(&st, offset, iobuf::total_len(bufs))?;
+        self.read_vectored_locked(&st, bufs, offset)
+    }
+
+    /// Straight from `bufs` where every cluster is allocated and owned
+    /// (and O_DIRECT takes the buffers), else through `write_at`.
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        let total = iobuf::total_len(bufs);
+        {
+            let st = self.read();
+            self.check_range(&st, offset, total)?;
+            if let Some(plan) = self.in_place_plan(&st, offset, total)? {
+                let direct = plan.iter().all(|&(host, at, len)| {
+                    self.disk
+                        .vectored_fits(&iobuf::sub_range(bufs, at, at + len), host)
+                });
+                if direct {
+                    for (host, at, len) in plan {
+                        self.disk
+                            .write_vectored(&iobuf::sub_range(bufs, at, at + len), host)?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        block::write_bounced(self, bufs, offset)
     }
 
     fn flush(&self) -> Result<()> {
