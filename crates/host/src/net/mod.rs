@@ -7,6 +7,7 @@
 
 mod addr;
 mod command;
+pub mod dhcp;
 mod link;
 mod nat;
 mod netns;
