@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use daemon::paths::{Mode, Paths};
+use daemon::remote::RemoteListen;
 use daemon::server::{self, DaemonOptions};
 
 #[derive(clap::Args)]
@@ -36,6 +37,13 @@ pub struct Args {
     /// The bridge's address and prefix (default: 192.168.124.1/24).
     #[arg(long, value_name = "CIDR")]
     network_address: Option<String>,
+    /// Also serve the API on TCP for other hosts, e.g. tcp:0.0.0.0:16509
+    /// (no TLS: trusted networks only; every request needs the token).
+    #[arg(long, value_name = "tcp:ADDR:PORT")]
+    listen: Option<String>,
+    /// The remote API's secret, made by the admin, mode 0600 (default: STATE/remote.token).
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    token_file: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -78,7 +86,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             .parse()
             .with_context(|| format!("--network-address {address}"))?;
     }
+    let remote = match args.listen {
+        Some(listen) => Some(RemoteListen {
+            addr: daemon::remote::parse_listen(&listen)?,
+            token_file: match args.token_file {
+                Some(file) => std::path::absolute(file).context("token file")?,
+                None => RemoteListen::default_token_file(&paths),
+            },
+        }),
+        None => None,
+    };
     server::run_blocking(DaemonOptions {
+        remote,
         network,
         paths,
         vmm_binary,

@@ -21,7 +21,8 @@ use crate::devices::DiskThrottle;
 use crate::domain::State as DomainState;
 use crate::error::ManagerError;
 use crate::manager::{Manager, StateInfo};
-use crate::migrate::MigrateParameters;
+use crate::migrate::{MigrateParameters, MigrateRequest};
+use crate::remote::RemoteOrigin;
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::tune::{MemTune, SchedInfo};
 
@@ -503,23 +504,21 @@ struct IncomingRequest {
     persistent: bool,
 }
 
-async fn prepare_incoming(State(m): State<Manager>, bytes: Bytes) -> ApiResult {
+/// Asked over TCP (`origin`), the VMM waits for the guest on TCP too.
+async fn prepare_incoming(
+    State(m): State<Manager>,
+    origin: Option<axum::Extension<RemoteOrigin>>,
+    bytes: Bytes,
+) -> ApiResult {
     let req: IncomingRequest = body(&bytes)?;
-    ok(m.prepare_incoming(&req.config, req.persistent).await?)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateRequest {
-    /// The destination oxvirtd's socket.
-    destination: std::path::PathBuf,
-    #[serde(default)]
-    persistent: bool,
+    let origin = origin.map(|axum::Extension(o)| o);
+    ok(m.prepare_incoming(&req.config, req.persistent, origin)
+        .await?)
 }
 
 async fn migrate(State(m): State<Manager>, Path(name): Path<String>, bytes: Bytes) -> ApiResult {
     let req: MigrateRequest = body(&bytes)?;
-    m.migrate(&name, &req.destination, req.persistent).await?;
+    m.migrate(&name, &req).await?;
     // A transient domain is gone from this daemon now.
     match m.state(&name) {
         Ok(state) => ok(state),

@@ -1,5 +1,6 @@
-//! A client for the daemon's API: one HTTP request per call over the unix
-//! socket. The CLI's verbs and the tests use it.
+//! A client for the daemon's API: one HTTP request per call over its unix
+//! socket, or over TCP with a token (see `remote`). The CLI's verbs, the
+//! source daemon of a migration and the tests use it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,13 +12,15 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::api::ErrorBody;
 use crate::blkio::{BlkioTune, BlockStats, InterfaceStats};
 use crate::devices::DiskThrottle;
 use crate::manager::{DomainInfo, DomainSummary, StateInfo};
-use crate::migrate::{Incoming, MigrateParameters};
+use crate::migrate::{Incoming, MigrateParameters, MigrateRequest};
+use crate::remote::{ConnectUri, Token};
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::snapshot::SnapshotInfo;
 use crate::tune::{MemTune, SchedInfo};
@@ -25,14 +28,14 @@ use crate::tune::{MemTune, SchedInfo};
 /// Errors calling the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to oxvirtd at {socket} (is `oxvirt daemon` running?)")]
+    #[error("cannot connect to oxvirtd at {target} (is `oxvirt daemon` running{}?): {source}", if target.starts_with("oxvirt+tcp") { " with --listen" } else { "" })]
     Connect {
-        socket: PathBuf,
+        target: String,
         source: std::io::Error,
     },
-    #[error("talking to oxvirtd at {socket}")]
+    #[error("talking to oxvirtd at {target}: {source}")]
     Http {
-        socket: PathBuf,
+        target: String,
         source: hyper::Error,
     },
     #[error("{}", .0.message)]
@@ -51,21 +54,81 @@ impl ClientError {
     }
 }
 
-/// A connection target: the daemon's socket.
+/// How long connecting to a remote daemon may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stream to the daemon, over a unix socket or TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection target: the daemon's socket, or its TCP address with the
+/// token it wants.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    uri: ConnectUri,
+    token: Option<Token>,
 }
 
 impl Client {
+    /// The daemon on this host behind `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Client {
-            socket: socket.into(),
+            uri: ConnectUri::Unix(socket.into()),
+            token: None,
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The daemon `uri` names; `token` is sent to a TCP one.
+    pub fn for_uri(uri: ConnectUri, token: Option<Token>) -> Self {
+        Client { uri, token }
+    }
+
+    pub fn uri(&self) -> &ConnectUri {
+        &self.uri
+    }
+
+    fn connect_error(&self, source: std::io::Error) -> ClientError {
+        ClientError::Connect {
+            target: self.uri.to_string(),
+            source,
+        }
+    }
+
+    fn http_error(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            target: self.uri.to_string(),
+            source,
+        }
+    }
+
+    async fn connect(&self) -> Result<TokioIo<Box<dyn Stream>>, ClientError> {
+        let stream: Box<dyn Stream> = match &self.uri {
+            ConnectUri::Unix(socket) => Box::new(
+                UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| self.connect_error(e))?,
+            ),
+            ConnectUri::Tcp { host, port } => {
+                let connect = TcpStream::connect((host.as_str(), *port));
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| self.connect_error(std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(|e| self.connect_error(e))?;
+                // Best effort: small requests go out at once.
+                let _ = stream.set_nodelay(true);
+                Box::new(stream)
+            }
+        };
+        Ok(TokioIo::new(stream))
+    }
+
+    /// A request with the headers every call carries.
+    fn request(&self, method: Method) -> hyper::http::request::Builder {
+        let builder = Request::builder().method(method).header("host", "oxvirtd");
+        match &self.token {
+            Some(token) => builder.header("authorization", format!("Bearer {}", token.as_str())),
+            None => builder,
+        }
     }
 
     /// One request; a non-2xx answer becomes [`ClientError::Api`].
@@ -75,26 +138,15 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<T, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
-        let http = |source| ClientError::Http {
-            socket: self.socket.clone(),
-            source,
-        };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let http = |source| self.http_error(source);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(self.connect().await?)
             .await
             .map_err(http)?;
         tokio::spawn(connection);
         let payload = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let request = Request::builder()
-            .method(method)
+        let request = self
+            .request(method)
             .uri(path)
-            .header("host", "oxvirtd")
             .header("content-type", "application/json")
             .body(Full::new(payload))
             .map_err(|e| ClientError::Decode {
@@ -204,17 +256,20 @@ impl Client {
         .await
     }
 
-    /// migrate --live: to the oxvirtd listening on `destination`.
+    /// migrate --live: to the oxvirtd `request.destination` names.
     pub async fn migrate(
         &self,
         name: &str,
-        destination: &Path,
-        persistent: bool,
+        request: &MigrateRequest,
     ) -> Result<StateInfo, ClientError> {
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Decode {
+            status: 0,
+            body: e.to_string(),
+        })?;
         self.call(
             Method::POST,
             &format!("/v1/domains/{}/migrate", seg(name)),
-            Some(json!({"destination": destination, "persistent": persistent})),
+            Some(body),
         )
         .await
     }
@@ -485,25 +540,14 @@ impl Client {
         mut output: impl FnMut(&[u8]),
     ) -> Result<ConsoleEnd, ClientError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
-        let http = |source| ClientError::Http {
-            socket: self.socket.clone(),
-            source,
-        };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let http = |source| self.http_error(source);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(self.connect().await?)
             .await
             .map_err(http)?;
         tokio::spawn(connection.with_upgrades());
-        let request = Request::builder()
-            .method(Method::POST)
+        let request = self
+            .request(Method::POST)
             .uri(format!("/v1/domains/{}/console", seg(name)))
-            .header("host", "oxvirtd")
             .header("connection", "upgrade")
             .header("upgrade", crate::console::PROTOCOL)
             .body(Full::new(Bytes::new()))
@@ -531,10 +575,7 @@ impl Client {
         let upgraded = hyper::upgrade::on(response).await.map_err(http)?;
         let (mut from_daemon, mut to_daemon) = tokio::io::split(TokioIo::new(upgraded));
         let mut buf = vec![0u8; 4096];
-        let io = |source| ClientError::Connect {
-            socket: self.socket.clone(),
-            source,
-        };
+        let io = |source| self.connect_error(source);
         loop {
             tokio::select! {
                 keys = input.recv() => {

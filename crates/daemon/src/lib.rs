@@ -14,6 +14,7 @@ pub mod manager;
 pub mod migrate;
 mod network;
 pub mod paths;
+pub mod remote;
 pub mod run_spec;
 pub mod save;
 pub mod server;

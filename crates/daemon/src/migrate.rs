@@ -1,12 +1,15 @@
-//! migrate --live DOM URI: the guest moves to another oxvirtd. The
-//! destination daemon starts a VMM waiting with `--incoming unix:PATH` and
-//! answers with that address at once (the VMM takes commands only once the
-//! guest has arrived, so the rest of its start runs in the background); the
-//! source daemon has its VMM `migrate` there, follows `query-migrate` until
-//! it completes, then stops its VMM: here the domain is shut off
-//! (migrated). Also migrate-setspeed, migrate-setmaxdowntime, domjobinfo.
+//! migrate --live DOM URI: the guest moves to another oxvirtd, on this
+//! host (its unix socket) or another (its remote API, `oxvirt+tcp://`).
+//! The destination daemon starts a VMM waiting with `--incoming unix:PATH`
+//! (`tcp:ADDR:PORT` when asked over TCP) and answers with that address as
+//! soon as the VMM listens (it takes commands only once the guest has
+//! arrived, so the rest of its start runs in the background); the source
+//! daemon has its VMM `migrate` there, follows `query-migrate` until it
+//! completes, then stops its VMM: here the domain is shut off (migrated).
+//! Also migrate-setspeed, migrate-setmaxdowntime, domjobinfo.
 
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -16,11 +19,14 @@ use crate::client::Client;
 use crate::config::{write_atomic, DomainDef};
 use crate::error::ManagerError;
 use crate::manager::{Live, Manager, StopRequest};
+use crate::remote::{ConnectUri, RemoteOrigin, Token};
 use crate::vmm_client;
 
 /// How long the destination may take to bind its incoming socket.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a migration may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// One outgoing migration of a domain's VMM, as migrate and save run it.
 pub(crate) struct MigrationJob<'a> {
     pub uri: &'a str,
@@ -29,7 +35,24 @@ pub(crate) struct MigrationJob<'a> {
     pub timeout: Duration,
 }
 
-const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `migrate --live [--persistent] [--undefinesource] DOM DESTURI`, as the
+/// API takes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination daemon: a socket path, `oxvirt:///system`, or
+    /// `oxvirt+tcp://HOST:PORT/system`.
+    pub destination: String,
+    /// The token of a TCP destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_token: Option<String>,
+    /// Define the domain at the destination too.
+    #[serde(default)]
+    pub persistent: bool,
+    /// Undefine it here once it runs there.
+    #[serde(default)]
+    pub undefine_source: bool,
+}
 
 /// The destination's answer: where the source's VMM sends the guest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +67,7 @@ impl Manager {
         &self,
         config: &str,
         persistent: bool,
+        origin: Option<RemoteOrigin>,
     ) -> Result<Incoming, ManagerError> {
         let def = DomainDef::parse(config, "migration")?;
         def.validate()?;
@@ -60,20 +84,22 @@ impl Manager {
                 self.insert_transient(def);
             }
         }
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let socket = self
-            .paths()
-            .run_dir
-            .join(format!("incoming-{name}-{nanos:08x}.sock"));
-        let uri = format!("unix:{}", socket.display());
+        let listener = match origin {
+            Some(o) => IncomingListener::tcp(&name, o.listen_ip)?,
+            None => IncomingListener::unix(self.paths().run_dir.join(format!(
+                "incoming-{name}-{:08x}.sock",
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos())
+            ))),
+        };
+        let uri = listener.uri();
         let (done_tx, mut done) = tokio::sync::oneshot::channel();
         let manager = self.clone();
-        let (task_name, task_uri, task_socket) = (name.clone(), uri.clone(), socket.clone());
+        let (task_name, task_uri, task_listener) = (name.clone(), uri.clone(), listener.clone());
         tokio::spawn(async move {
             let result = manager.start_from(&task_name, Some(&task_uri)).await;
-            crate::manager::remove_if_exists(&task_socket);
+            task_listener.remove();
             if let Err(e) = &result {
                 tracing::warn!(domain = task_name, error = %e, "incoming migration failed");
                 manager.forget_incoming(&task_name, persistent);
@@ -83,7 +109,7 @@ impl Manager {
         });
         let deadline = Instant::now() + PREPARE_TIMEOUT;
         loop {
-            if socket.exists() {
+            if listener.is_listening() {
                 return Ok(Incoming { uri });
             }
             if let Ok(result) = done.try_recv() {
@@ -104,37 +130,53 @@ impl Manager {
         }
     }
 
-    /// Source side: moves the running domain to the oxvirtd at
-    /// `destination` (its socket); `persistent` defines it there too.
-    pub async fn migrate(
-        &self,
-        name: &str,
-        destination: &Path,
-        persistent: bool,
-    ) -> Result<(), ManagerError> {
+    /// Source side: moves the running domain to the oxvirtd that
+    /// `request.destination` names. On any failure the guest runs on here.
+    pub async fn migrate(&self, name: &str, request: &MigrateRequest) -> Result<(), ManagerError> {
+        let invalid = |field, reason| ManagerError::Invalid {
+            domain: name.to_owned(),
+            field,
+            reason,
+        };
+        let destination = ConnectUri::parse(&request.destination)
+            .map_err(|e| invalid("destination", e.to_string()))?;
+        let token = request
+            .destination_token
+            .as_deref()
+            .map(Token::from_text)
+            .transpose()
+            .map_err(|e| invalid("destination_token", e))?;
         let live = self.live(name, "migrate")?;
+        let persistent = self.with(name, |d| Ok(d.persistent))?;
+        if request.undefine_source && persistent && self.has_snapshots(name) {
+            return Err(invalid(
+                "undefine_source",
+                "it has snapshots, which stay with this host: delete them first, or migrate without --undefinesource".into(),
+            ));
+        }
         let config = live.record.def.to_toml()?;
-        let remote = Client::new(destination);
+        let remote = Client::for_uri(destination.clone(), token);
         let incoming = remote
-            .prepare_incoming(&config, persistent)
+            .prepare_incoming(&config, request.persistent)
             .await
-            .map_err(|e| ManagerError::Invalid {
-                domain: name.to_owned(),
-                field: "destination",
-                reason: format!("{}: {e}", destination.display()),
-            })?;
+            .map_err(|e| invalid("destination", format!("{destination}: {e}")))?;
+        let uri = reachable_uri(&incoming.uri, &destination);
         let why = |why: String| ManagerError::Invalid {
             domain: name.to_owned(),
             field: "migrate",
-            reason: format!("to {}: {why}; the guest runs on here", incoming.uri),
+            reason: format!("to {uri}: {why}; the guest runs on here"),
         };
         let job = MigrationJob {
-            uri: &incoming.uri,
+            uri: &uri,
             action: "migrate",
             stop: StopRequest::Migrate,
             timeout: MIGRATE_TIMEOUT,
         };
-        self.migrate_then_stop(name, &live, job, why).await
+        self.migrate_then_stop(name, &live, job, why).await?;
+        if request.undefine_source && persistent {
+            self.undefine(name, false, false).await?;
+        }
+        Ok(())
     }
 
     /// Runs the VMM's `migrate` to `job.uri` and waits for it; once it
@@ -225,6 +267,89 @@ impl Manager {
     }
 }
 
+/// The address the source's VMM sends the guest to: a destination that
+/// listens on TCP names its own bind address, which may be a wildcard, so
+/// the host comes from the URI the source reached its daemon by.
+fn reachable_uri(incoming: &str, destination: &ConnectUri) -> String {
+    let port = incoming
+        .strip_prefix("tcp:")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map(|(_, port)| port);
+    match (port, destination) {
+        (Some(port), ConnectUri::Tcp { host, .. }) if host.contains(':') => {
+            format!("tcp:[{host}]:{port}")
+        }
+        (Some(port), ConnectUri::Tcp { host, .. }) => format!("tcp:{host}:{port}"),
+        _ => incoming.to_owned(),
+    }
+}
+
+/// Where a destination VMM waits for the guest.
+#[derive(Debug, Clone)]
+enum IncomingListener {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl IncomingListener {
+    fn unix(socket: PathBuf) -> Self {
+        Self::Unix(socket)
+    }
+
+    /// A free port on `ip`: the daemon binds port 0 and lets it go for the
+    /// VMM (another process taking it in between fails the migration, and
+    /// the guest runs on at the source).
+    fn tcp(domain: &str, ip: IpAddr) -> Result<Self, ManagerError> {
+        let addr = TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|source| ManagerError::Io {
+                path: PathBuf::from(format!(
+                    "tcp port for the incoming migration of {domain:?} on {ip}"
+                )),
+                source,
+            })?;
+        Ok(Self::Tcp(addr))
+    }
+
+    fn uri(&self) -> String {
+        match self {
+            Self::Unix(socket) => format!("unix:{}", socket.display()),
+            Self::Tcp(addr) if addr.is_ipv6() => format!("tcp:[{}]:{}", addr.ip(), addr.port()),
+            Self::Tcp(addr) => format!("tcp:{}:{}", addr.ip(), addr.port()),
+        }
+    }
+
+    fn is_listening(&self) -> bool {
+        match self {
+            Self::Unix(socket) => socket.exists(),
+            Self::Tcp(addr) => tcp_listening(addr.port()),
+        }
+    }
+
+    fn remove(&self) {
+        if let Self::Unix(socket) = self {
+            crate::manager::remove_if_exists(socket);
+        }
+    }
+}
+
+/// Whether a socket in this network namespace listens on `port`
+/// (`/proc/net/tcp*`: state 0A). Connecting to find out would be taken
+/// for the source.
+fn tcp_listening(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace();
+                let local = fields.nth(1).unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                local.ends_with(&wanted) && state == "0A"
+            })
+        })
+    })
+}
+
 /// migrate-setspeed / migrate-setmaxdowntime.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,4 +358,40 @@ pub struct MigrateParameters {
     pub max_bandwidth_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_limit_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_destination_is_reached_by_the_uri_host() {
+        let dest = ConnectUri::Tcp {
+            host: "10.0.0.2".into(),
+            port: 16509,
+        };
+        assert_eq!(
+            reachable_uri("tcp:0.0.0.0:4444", &dest),
+            "tcp:10.0.0.2:4444"
+        );
+        let v6 = ConnectUri::Tcp {
+            host: "fd00::2".into(),
+            port: 1,
+        };
+        assert_eq!(reachable_uri("tcp:[::]:4444", &v6), "tcp:[fd00::2]:4444");
+        let local = ConnectUri::Unix("/run/x.sock".into());
+        assert_eq!(
+            reachable_uri("unix:/run/in.sock", &local),
+            "unix:/run/in.sock"
+        );
+    }
+
+    #[test]
+    fn a_bound_port_shows_as_listening() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(tcp_listening(port));
+        drop(listener);
+        assert!(!tcp_listening(port));
+    }
 }

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 pub enum PathsError {
     #[error("session mode needs $XDG_STATE_HOME or $HOME to place the state folder")]
     NoHome,
-    #[error("unknown connection URI {0:?}: expected oxvirt:///system, oxvirt:///session or a socket path")]
-    BadUri(String),
 }
 
 /// System or session instance.
@@ -136,39 +134,9 @@ fn session_run_dir() -> PathBuf {
     }
 }
 
-/// The daemon socket a `--connect` URI names: `oxvirt:///system`,
-/// `oxvirt:///session`, or a path to a socket.
-pub fn socket_for_uri(uri: &str) -> Result<PathBuf, PathsError> {
-    match uri {
-        "oxvirt:///system" => Ok(Paths::for_mode(Mode::System)?.socket()),
-        "oxvirt:///session" => Ok(Paths::for_mode(Mode::Session)?.socket()),
-        _ if uri.starts_with('/') || uri.starts_with('.') => Ok(PathBuf::from(uri)),
-        _ => match uri.strip_prefix("unix://") {
-            Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-            _ => Err(PathsError::BadUri(uri.to_owned())),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uris_map_to_sockets() {
-        assert_eq!(
-            socket_for_uri("/tmp/x.sock").unwrap(),
-            PathBuf::from("/tmp/x.sock")
-        );
-        assert_eq!(
-            socket_for_uri("unix:///tmp/y.sock").unwrap(),
-            PathBuf::from("/tmp/y.sock")
-        );
-        assert!(matches!(
-            socket_for_uri("qemu:///system"),
-            Err(PathsError::BadUri(_))
-        ));
-    }
 
     #[test]
     fn layout_under_a_root() {

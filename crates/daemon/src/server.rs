@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::error::ManagerError;
 use crate::manager::{CgroupPlacement, Manager, ManagerOptions};
 use crate::paths::Paths;
+use crate::remote::{RemoteError, RemoteListen};
 
 /// Errors starting or running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,8 @@ pub enum DaemonError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    #[error("remote API: {0}")]
+    Remote(#[from] RemoteError),
 }
 
 /// The daemon's settings.
@@ -40,6 +43,8 @@ pub struct DaemonOptions {
     pub cgroup_parent: Option<PathBuf>,
     /// The `default` NAT network's bridge and gateway address.
     pub network: NatConfig,
+    /// The remote API on TCP (`--listen`), if any.
+    pub remote: Option<RemoteListen>,
 }
 
 /// The `default` network unless told otherwise: like libvirt's, on a
@@ -86,6 +91,10 @@ pub async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         return Err(DaemonError::AlreadyRunning(socket));
     }
+    let remote = match &opts.remote {
+        Some(listen) => Some(listen.bind(&opts.paths).await?),
+        None => None,
+    };
     let manager = Manager::open(opts.manager_options()?).await?;
     // A socket file nobody answers on is a leftover of a killed daemon.
     crate::manager::remove_if_exists(&socket);
@@ -93,11 +102,33 @@ pub async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io(&socket))?;
     tracing::info!(socket = %socket.display(), "oxvirtd listening");
-    let result = axum::serve(listener, crate::api::router(manager))
-        .with_graceful_shutdown(terminated())
-        .await
-        .map_err(io(&socket));
+    let api = crate::api::router(manager);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which is a stop too.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp = async {
+        let Some(r) = remote else { return Ok(()) };
+        let router = crate::remote::router(api.clone(), r.token, r.addr);
+        axum::serve(r.listener, router)
+            .with_graceful_shutdown(until_stopped(stopped.clone()))
+            .await
+            .map_err(io(&crate::remote::listen_file(&opts.paths)))
+    };
+    let unix = async {
+        axum::serve(listener, api.clone())
+            .with_graceful_shutdown(until_stopped(stopped.clone()))
+            .await
+    };
+    let (unix, tcp) = tokio::join!(unix, tcp);
+    let result = unix.map_err(io(&socket)).and(tcp);
     crate::manager::remove_if_exists(&socket);
+    crate::manager::remove_if_exists(&crate::remote::listen_file(&opts.paths));
     tracing::info!("oxvirtd stopped; running domains keep running");
     result
 }

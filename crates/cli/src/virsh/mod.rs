@@ -11,8 +11,9 @@ use anyhow::Context;
 use daemon::blkio::BlkioTune;
 use daemon::client::{block_on, Client};
 use daemon::devices::DiskThrottle;
-use daemon::migrate::MigrateParameters;
-use daemon::paths::{socket_for_uri, Mode, Paths};
+use daemon::migrate::{MigrateParameters, MigrateRequest};
+use daemon::paths::{Mode, Paths};
+use daemon::remote::{ConnectUri, Token};
 use daemon::run_spec::RunSpec;
 use daemon::settings::{Modify, Sizing, VcpuPin};
 use daemon::tune::{MemTune, SchedInfo};
@@ -20,25 +21,51 @@ use daemon::tune::{MemTune, SchedInfo};
 /// Which daemon to talk to.
 #[derive(clap::Args, Clone)]
 pub struct Connect {
-    /// oxvirt:///system, oxvirt:///session or a socket path
-    /// (default: $OXVIRT_DEFAULT_CONNECT_URI, else system for root, session otherwise).
+    /// oxvirt:///system, oxvirt:///session, a socket path or
+    /// oxvirt+tcp://HOST:PORT/system (default: $OXVIRT_DEFAULT_CONNECT_URI,
+    /// else system for root, session otherwise).
     #[arg(short = 'c', long = "connect", value_name = "URI")]
     uri: Option<String>,
+    /// The remote daemon's token (default: $OXVIRT_TOKEN_FILE, else the token in $OXVIRT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl Connect {
     fn client(&self) -> anyhow::Result<Client> {
-        let uri = self.uri.clone().or_else(|| {
-            std::env::var("OXVIRT_DEFAULT_CONNECT_URI")
-                .ok()
-                .filter(|u| !u.is_empty())
-        });
-        let socket = match uri {
-            Some(uri) => socket_for_uri(&uri)?,
-            None => Paths::for_mode(Mode::for_current_user())?.socket(),
+        let uri = self
+            .uri
+            .clone()
+            .or_else(|| env("OXVIRT_DEFAULT_CONNECT_URI"));
+        let uri = match uri {
+            Some(uri) => ConnectUri::parse(&uri)?,
+            None => ConnectUri::Unix(Paths::for_mode(Mode::for_current_user())?.socket()),
         };
-        Ok(Client::new(socket))
+        let token = match uri {
+            ConnectUri::Tcp { .. } => self.token()?,
+            ConnectUri::Unix(_) => None,
+        };
+        Ok(Client::for_uri(uri, token))
     }
+
+    /// The token for a TCP daemon: --token-file, $OXVIRT_TOKEN_FILE, $OXVIRT_TOKEN.
+    fn token(&self) -> anyhow::Result<Option<Token>> {
+        if let Some(file) = self
+            .token_file
+            .clone()
+            .or_else(|| env("OXVIRT_TOKEN_FILE").map(PathBuf::from))
+        {
+            return Ok(Some(Token::read(&file)?));
+        }
+        env("OXVIRT_TOKEN")
+            .map(|text| Token::from_text(&text).map_err(|e| anyhow::anyhow!("$OXVIRT_TOKEN: {e}")))
+            .transpose()
+    }
+}
+
+/// A set, non-empty environment variable.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 #[derive(clap::Args)]
@@ -108,7 +135,8 @@ pub struct RestoreArgs {
 pub struct MigrateArgs {
     #[command(flatten)]
     dom: Dom,
-    /// The destination oxvirtd: oxvirt:///system, oxvirt:///session or its socket path.
+    /// The destination oxvirtd: oxvirt+tcp://HOST:PORT/system (another
+    /// host), or oxvirt:///system, oxvirt:///session, a socket path (this one).
     desturi: String,
     /// Live migration (the only kind: the guest runs while its memory moves).
     #[arg(long)]
@@ -116,6 +144,13 @@ pub struct MigrateArgs {
     /// Define the domain on the destination too.
     #[arg(long)]
     persistent: bool,
+    /// Undefine the domain here once it runs at the destination.
+    #[arg(long)]
+    undefinesource: bool,
+    /// The destination's token (default: the --connect token's sources:
+    /// --token-file, $OXVIRT_TOKEN_FILE, $OXVIRT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    dest_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -544,12 +579,7 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
             let c = a.dom.connect.client()?;
             print::domifstat(&wait(c.domifstat(&a.dom.domain, &a.interface))?);
         }
-        Verb::Migrate(a) => {
-            let destination = socket_for_uri(&a.desturi)?;
-            let c = a.dom.connect.client()?;
-            wait(c.migrate(&a.dom.domain, &destination, a.persistent))?;
-            println!("Domain '{}' migrated to {}", a.dom.domain, a.desturi);
-        }
+        Verb::Migrate(a) => migrate(a)?,
         Verb::MigrateSetspeed(a) => {
             let change = MigrateParameters {
                 max_bandwidth_mib: Some(a.bandwidth),
@@ -652,6 +682,24 @@ fn wait<T>(
     call: impl std::future::Future<Output = Result<T, daemon::client::ClientError>>,
 ) -> anyhow::Result<T> {
     Ok(block_on(call)??)
+}
+
+fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    let remote = matches!(ConnectUri::parse(&a.desturi)?, ConnectUri::Tcp { .. });
+    let token = match (remote, &a.dest_token_file) {
+        (false, _) => None,
+        (true, Some(file)) => Some(Token::read(file)?),
+        (true, None) => a.dom.connect.token()?,
+    };
+    let request = MigrateRequest {
+        destination: a.desturi.clone(),
+        destination_token: token.map(|t| t.as_str().to_owned()),
+        persistent: a.persistent,
+        undefine_source: a.undefinesource,
+    };
+    wait(a.dom.connect.client()?.migrate(&a.dom.domain, &request))?;
+    println!("Domain '{}' migrated to {}", a.dom.domain, a.desturi);
+    Ok(())
 }
 
 fn lifecycle(d: &Dom, action: &'static str, done: &str) -> anyhow::Result<()> {
