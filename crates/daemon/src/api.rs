@@ -37,7 +37,7 @@ pub struct ErrorBody {
     pub field: Option<String>,
 }
 
-struct ApiError(StatusCode, ErrorBody);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) ErrorBody);
 
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
@@ -75,9 +75,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
-fn ok(value: impl Serialize) -> ApiResult {
+pub(crate) fn ok(value: impl Serialize) -> ApiResult {
     serde_json::to_value(value).map(Json).map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,7 +92,7 @@ fn ok(value: impl Serialize) -> ApiResult {
 }
 
 /// Parses a JSON body; an empty body is `{}`.
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -103,7 +103,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
 }
 
 /// A boolean query flag: `?all`, `?all=true`, `?all=1`.
-fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> {
+pub(crate) fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> {
     for pair in query
         .as_deref()
         .unwrap_or("")
@@ -186,6 +186,7 @@ pub fn router(manager: Manager) -> Router {
             post(snapshot_revert),
         )
         .route("/v1/domains/{name}/{action}", post(action))
+        .merge(crate::net_api::routes())
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,

@@ -601,7 +601,7 @@ impl Client {
 }
 
 /// A domain name as one URL path segment (percent-encoded where needed).
-fn seg(name: &str) -> String {
+pub(crate) fn seg(name: &str) -> String {
     name.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),

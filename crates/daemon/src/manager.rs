@@ -123,6 +123,8 @@ pub struct Manager(pub(crate) Arc<Inner>);
 pub(crate) struct Inner {
     pub opts: ManagerOptions,
     domains: Mutex<BTreeMap<String, Domain>>,
+    /// The virtual networks and their DHCP servers.
+    pub(crate) networks: crate::network::Networks,
     /// Serialises define, undefine and start, which check then change.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -146,10 +148,12 @@ impl Manager {
         }
         let manager = Manager(Arc::new(Inner {
             domains: Mutex::new(load_definitions(&opts.paths)),
+            networks: crate::network::Networks::open(&opts.paths.state_dir, &opts.network),
             opts,
             lifecycle: tokio::sync::Mutex::new(()),
         }));
         manager.recover().await;
+        manager.0.networks.resume();
         manager.autostart_all().await;
         Ok(manager)
     }

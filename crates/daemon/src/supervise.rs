@@ -122,14 +122,11 @@ pub(crate) async fn launch(
         }
     };
     std::fs::create_dir_all(paths.log_dir()).map_err(io(&paths.log_dir()))?;
-    let taps = match network::create_taps(&opts.network, def.nics.len()) {
+    let taps = match network::create_taps(&paths.state_dir, name, &def.nics) {
         Ok(taps) => taps,
-        Err(source) => {
+        Err(e) => {
             abandon(name, None, cgroup.as_ref(), &run_dir, &[]).await;
-            return Err(ManagerError::Network {
-                domain: name.to_owned(),
-                source,
-            });
+            return Err(e);
         }
     };
     let api = api_socket(&run_dir);

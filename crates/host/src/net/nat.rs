@@ -45,6 +45,15 @@ impl Nat {
         Ok(nat)
     }
 
+    /// The table `apply` installed for network `name` in `ns` earlier (by
+    /// this process or another), to remove it.
+    pub fn existing(name: &str, ns: Option<&NetNs>) -> Result<Nat, NetError> {
+        Ok(Nat {
+            table: table_name(name)?,
+            ns: ns.cloned(),
+        })
+    }
+
     pub fn table(&self) -> &str {
         &self.table
     }
