@@ -60,6 +60,8 @@ pub enum Reason {
     Migrated,
     /// Running here after an incoming migration.
     MigratedIn,
+    /// Running from (or shut off by) snapshot-revert.
+    FromSnapshot,
     /// Crashed: the kernel's OOM killer killed the VMM.
     Oom,
     /// Crashed: the VMM died of a signal nobody here sent.
@@ -81,6 +83,7 @@ impl fmt::Display for Reason {
             Reason::Restored => f.write_str("restored"),
             Reason::Migrated => f.write_str("migrated"),
             Reason::MigratedIn => f.write_str("migrated in"),
+            Reason::FromSnapshot => f.write_str("from snapshot"),
             Reason::Oom => f.write_str("oom"),
             Reason::Signal(n) => write!(f, "signal {n}"),
             Reason::VmmError(msg) => write!(f, "vmm error: {msg}"),

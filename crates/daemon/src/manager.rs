@@ -395,7 +395,18 @@ impl Manager {
         name: &str,
         incoming: Option<&str>,
     ) -> Result<(), ManagerError> {
-        let def = self.with(name, |d| {
+        self.start_with(name, None, incoming).await
+    }
+
+    /// Starts a domain with `def` (default: its definition): a saved state
+    /// must run with the definition it was saved from.
+    pub(crate) async fn start_with(
+        &self,
+        name: &str,
+        def: Option<DomainDef>,
+        incoming: Option<&str>,
+    ) -> Result<(), ManagerError> {
+        let current = self.with(name, |d| {
             if d.state.is_active() {
                 return Err(ManagerError::InvalidState {
                     domain: name.to_owned(),
@@ -406,6 +417,7 @@ impl Manager {
             }
             Ok(d.def.clone())
         })?;
+        let def = def.unwrap_or(current);
         def.validate()?;
         let persistent = self.with(name, |d| Ok(d.persistent))?;
         let (live, waiter) = supervise::launch(&self.0.opts, &def, persistent, incoming).await?;
