@@ -2,6 +2,7 @@
 //! `oxvirt run`: each one API call to oxvirtd, then printing.
 
 mod console;
+mod net;
 mod print;
 
 use std::path::PathBuf;
@@ -479,16 +480,16 @@ pub enum Verb {
     Restore(RestoreArgs),
     /// Save a running domain's state for its next start, and stop it.
     Managedsave(Dom),
-    /// Take an internal snapshot of every disk of a shut-off domain.
+    /// Take an internal snapshot of every disk (and a running domain's memory).
     #[command(name = "snapshot-create-as")]
     SnapshotCreateAs(SnapshotCreateArgs),
     /// List a domain's snapshots.
     #[command(name = "snapshot-list")]
     SnapshotList(Dom),
-    /// Put every disk back to a snapshot.
+    /// Put every disk (and, with memory, the guest) back to a snapshot.
     #[command(name = "snapshot-revert")]
     SnapshotRevert(SnapshotArgs),
-    /// Delete a snapshot from every disk.
+    /// Delete a snapshot from every disk, and its memory.
     #[command(name = "snapshot-delete")]
     SnapshotDelete(SnapshotArgs),
     /// Set the number of vCPUs (--config: at the next start).
@@ -499,6 +500,8 @@ pub enum Verb {
     Setmaxmem(SetmemArgs),
     /// Create and start a domain with Docker's resource flags.
     Run(Box<RunArgs>),
+    #[command(flatten)]
+    Net(net::NetVerb),
 }
 
 pub fn run(verb: Verb) -> anyhow::Result<u8> {
@@ -569,6 +572,7 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Memtune(a) => memtune(a)?,
         Verb::Vcpupin(a) => vcpupin(a)?,
         Verb::Run(a) => run_domain(*a)?,
+        Verb::Net(v) => net::run(v)?,
         Verb::Blkdeviotune(a) => blkdeviotune(a)?,
         Verb::Blkiotune(a) => blkiotune(a)?,
         Verb::Domblkstat(a) => {

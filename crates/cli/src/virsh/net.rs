@@ -1,0 +1,224 @@
+//! virsh's network verbs (`net-list`, `net-start`, `net-dhcp-leases`, ...):
+//! each one API call, printed as virsh prints it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use daemon::network::{LeaseInfo, NetworkInfo, NetworkSummary};
+
+use super::{wait, Connect};
+
+#[derive(clap::Args)]
+pub struct Net {
+    #[command(flatten)]
+    connect: Connect,
+    /// Network name.
+    network: String,
+}
+
+#[derive(clap::Args)]
+pub struct NetListArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Inactive networks too.
+    #[arg(long)]
+    all: bool,
+    /// Names only.
+    #[arg(long)]
+    name: bool,
+}
+
+#[derive(clap::Args)]
+pub struct NetDefineArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// The network's TOML definition.
+    file: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct NetAutostartArgs {
+    #[command(flatten)]
+    net: Net,
+    /// Stop starting it with the daemon.
+    #[arg(long)]
+    disable: bool,
+}
+
+#[derive(clap::Args)]
+pub struct NetLeasesArgs {
+    #[command(flatten)]
+    net: Net,
+    /// Only this client's lease.
+    #[arg(long)]
+    mac: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum NetVerb {
+    /// List active networks (with --all, every defined one).
+    NetList(NetListArgs),
+    /// A network's state, bridge, address and DHCP range.
+    NetInfo(Net),
+    /// Print a network's TOML definition.
+    #[command(alias = "net-dumpxml")]
+    NetDumpconfig(Net),
+    /// Define a network from a TOML file.
+    NetDefine(NetDefineArgs),
+    /// Remove an inactive network's definition.
+    NetUndefine(Net),
+    /// Start a network: bridge, NAT, DHCP.
+    NetStart(Net),
+    /// Stop a network (its bridge, NAT and DHCP go).
+    NetDestroy(Net),
+    /// Start a network when the daemon starts.
+    NetAutostart(NetAutostartArgs),
+    /// The addresses the network's DHCP server handed out.
+    NetDhcpLeases(NetLeasesArgs),
+}
+
+pub fn run(verb: NetVerb) -> anyhow::Result<()> {
+    match verb {
+        NetVerb::NetList(a) => list(&wait(a.connect.client()?.net_list(a.all))?, a.name),
+        NetVerb::NetInfo(n) => info(&wait(n.connect.client()?.net_info(&n.network))?),
+        NetVerb::NetDumpconfig(n) => {
+            print!("{}", wait(n.connect.client()?.net_config(&n.network))?)
+        }
+        NetVerb::NetDefine(a) => {
+            let text = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            let origin = a.file.display().to_string();
+            let info = wait(a.connect.client()?.net_define(&text, &origin))?;
+            println!("Network {} defined from {origin}", info.name);
+        }
+        NetVerb::NetUndefine(n) => {
+            wait(n.connect.client()?.net_undefine(&n.network))?;
+            println!("Network {} has been undefined", n.network);
+        }
+        NetVerb::NetStart(n) => {
+            wait(n.connect.client()?.net_start(&n.network))?;
+            println!("Network {} started", n.network);
+        }
+        NetVerb::NetDestroy(n) => {
+            wait(n.connect.client()?.net_destroy(&n.network))?;
+            println!("Network {} destroyed", n.network);
+        }
+        NetVerb::NetAutostart(a) => {
+            let client = a.net.connect.client()?;
+            wait(client.net_autostart(&a.net.network, !a.disable))?;
+            match a.disable {
+                false => println!("Network {} marked as autostarted", a.net.network),
+                true => println!("Network {} unmarked as autostarted", a.net.network),
+            }
+        }
+        NetVerb::NetDhcpLeases(a) => {
+            let mut leases = wait(a.net.connect.client()?.net_leases(&a.net.network))?;
+            if let Some(mac) = &a.mac {
+                leases.retain(|l| l.mac.eq_ignore_ascii_case(mac));
+            }
+            print_leases(&leases);
+        }
+    }
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn list(networks: &[NetworkSummary], names_only: bool) {
+    if names_only {
+        for n in networks {
+            println!("{}", n.name);
+        }
+        return;
+    }
+    println!(
+        " {:<20} {:<10} {:<11} Persistent",
+        "Name", "State", "Autostart"
+    );
+    println!("{}", "-".repeat(55));
+    for n in networks {
+        let state = if n.active { "active" } else { "inactive" };
+        println!(
+            " {:<20} {state:<10} {:<11} {}",
+            n.name,
+            yes_no(n.autostart),
+            yes_no(n.persistent)
+        );
+    }
+}
+
+fn info(i: &NetworkInfo) {
+    println!("{:<16}{}", "Name:", i.name);
+    println!("{:<16}{}", "Active:", yes_no(i.active));
+    println!("{:<16}{}", "Persistent:", yes_no(i.persistent));
+    println!("{:<16}{}", "Autostart:", yes_no(i.autostart));
+    println!("{:<16}{}", "Bridge:", i.bridge);
+    println!("{:<16}{}", "Address:", i.address);
+    println!("{:<16}{:?}", "Forward:", i.forward);
+    match i.dhcp_range {
+        Some((start, end)) => println!("{:<16}{start} - {end}", "DHCP range:"),
+        None => println!("{:<16}none", "DHCP range:"),
+    }
+    println!(
+        "{:<16}{}",
+        "DHCP server:",
+        if i.dhcp_running { "running" } else { "stopped" }
+    );
+}
+
+fn print_leases(leases: &[LeaseInfo]) {
+    println!(
+        " {:<21} {:<19} {:<10} {:<20} {:<12} Client ID or DUID",
+        "Expiry Time", "MAC address", "Protocol", "IP address", "Hostname"
+    );
+    println!("{}", "-".repeat(105));
+    for l in leases {
+        println!(
+            " {:<21} {:<19} {:<10} {:<20} {:<12} -",
+            utc_time(l.expiry),
+            l.mac,
+            "ipv4",
+            l.ip,
+            l.hostname.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+/// `2026-11-23 05:40:09` (UTC) from Unix seconds.
+fn utc_time(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_time;
+
+    #[test]
+    fn lease_expiry_prints_as_utc() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_795_412_409), "2026-11-23 05:40:09");
+    }
+}
