@@ -2,7 +2,7 @@
 //!
 //! [`config`] reads nginx `stream { }` files, [`balancer`] picks upstream
 //! peers, [`tcp`] and [`udp`] run sessions, [`runtime`] owns listeners,
-//! reloads and signals, [`api`] serves the HTTP+JSON runtime API.
+//! reloads and signals, [`uring`] runs TCP sessions on io_uring, [`api`] serves the HTTP+JSON runtime API.
 
 pub mod access_log;
 pub mod api;
@@ -15,6 +15,7 @@ pub mod relay;
 pub mod runtime;
 pub mod tcp;
 pub mod udp;
+pub mod uring;
 pub mod vars;
 
 pub use config::Config;

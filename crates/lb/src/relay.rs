@@ -13,12 +13,12 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Bytes a pipe holds per splice round; large pipes mean fewer syscalls.
-const PIPE_SIZE: usize = 1 << 20;
+pub(crate) const PIPE_SIZE: usize = 1 << 20;
 /// A direction starts with plain reads and writes through a buffer this
 /// big: for the short messages most sessions carry, recv+send costs less
 /// than two splices and a pipe. The first read that fills it switches the
 /// direction to splice for good.
-const SMALL_READ: usize = 4096;
+pub(crate) const SMALL_READ: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -131,10 +131,10 @@ static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 const PIPES_KEPT: usize = 512;
 
 /// A pipe (read end, write end) that goes back to the pool when known empty.
-struct Pipe(OwnedFd, OwnedFd);
+pub(crate) struct Pipe(pub(crate) OwnedFd, pub(crate) OwnedFd);
 
 impl Pipe {
-    fn take() -> io::Result<Pipe> {
+    pub(crate) fn take() -> io::Result<Pipe> {
         if let Some(p) = PIPES.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(p);
         }
@@ -149,7 +149,7 @@ impl Pipe {
     }
 
     /// Returns an empty pipe to the pool (a pipe holding data is just closed).
-    fn give_back(self) {
+    pub(crate) fn give_back(self) {
         let mut pool = PIPES.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < PIPES_KEPT {
             pool.push(self);
@@ -181,10 +181,10 @@ const SMALL_BUFS_KEPT: usize = 256;
 
 /// A pooled small-read buffer, on the heap: inside the session future it
 /// would be copied with the future each time the future moves.
-struct SmallBuf(Box<[u8]>);
+pub(crate) struct SmallBuf(pub(crate) Box<[u8]>);
 
 impl SmallBuf {
-    fn take() -> SmallBuf {
+    pub(crate) fn take() -> SmallBuf {
         let pooled = SMALL_BUFS.with(|pool| pool.borrow_mut().pop());
         SmallBuf(pooled.unwrap_or_else(|| vec![0u8; SMALL_READ].into_boxed_slice()))
     }

@@ -17,6 +17,7 @@ use crate::access_log::{LogError, LogFile, LogFiles};
 use crate::balancer::Upstream;
 use crate::config::{Config, ConfigError, ListenConf, Method, ServerConf};
 use crate::limits::Zone;
+use crate::uring::Engine;
 use crate::vars::Template;
 use crate::{api, health, tcp, udp};
 
@@ -123,6 +124,8 @@ struct ListenerHandle {
 /// The balancer inside a tokio runtime.
 pub struct Balancer {
     shared: Arc<Shared>,
+    /// TCP sessions on io_uring; `None`: on tokio's epoll reactor.
+    engine: Option<Engine>,
     listeners: HashMap<(SocketAddr, bool), ListenerHandle>,
     api_stop: CancellationToken,
 }
@@ -187,7 +190,7 @@ fn build_generation(
     })
 }
 
-fn bind_tcp(l: &ListenConf) -> Result<TcpListener, RunError> {
+fn bind_tcp(l: &ListenConf) -> Result<std::net::TcpListener, RunError> {
     let err = |source| RunError::Listen {
         addr: l.addr,
         udp: false,
@@ -211,7 +214,7 @@ fn bind_tcp(l: &ListenConf) -> Result<TcpListener, RunError> {
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&l.addr.into()).map_err(err)?;
     socket.listen(l.backlog).map_err(err)?;
-    TcpListener::from_std(socket.into()).map_err(err)
+    Ok(socket.into())
 }
 
 fn bind_udp(l: &ListenConf) -> Result<UdpSocket, RunError> {
@@ -278,6 +281,7 @@ impl Balancer {
         let zones = Mutex::new(HashMap::new());
         let capacity = config.max_sessions.map(|n| Arc::new(Semaphore::new(n)));
         let api_conf = config.runtime_api.clone();
+        let workers = config.workers;
         let generation = build_generation(config, &zones, None)?;
         let shared = Arc::new(Shared {
             sessions: TaskTracker::new(),
@@ -293,8 +297,10 @@ impl Balancer {
             })),
             capacity,
         });
+        let engine = start_engine(workers, &shared);
         let mut balancer = Balancer {
             shared,
+            engine,
             listeners: HashMap::new(),
             api_stop: CancellationToken::new(),
         };
@@ -304,6 +310,11 @@ impl Balancer {
                 .map_err(RunError::Api)?;
         }
         Ok(balancer)
+    }
+
+    /// Whether TCP sessions run on the io_uring engine (else on epoll).
+    pub fn uses_io_uring(&self) -> bool {
+        self.engine.is_some()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -356,9 +367,11 @@ impl Balancer {
             let (tx, rx) = watch::channel(value);
             let shared = self.shared.clone();
             match socket {
-                Bound::Tcp(l) => tokio::spawn(accept_loop(l, rx, shared)),
-                Bound::Udp(s) => tokio::spawn(udp::serve(Arc::new(s), rx, shared)),
-            };
+                Bound::Tcp(l) => self.serve_tcp(l, rx, shared)?,
+                Bound::Udp(s) => {
+                    tokio::spawn(udp::serve(Arc::new(s), rx, shared));
+                }
+            }
             self.listeners.insert(key, ListenerHandle { serve: tx });
         }
         let generation = Arc::new(generation);
@@ -374,6 +387,35 @@ impl Balancer {
         // have two checkers counting their streaks.
         old.retired.cancel();
         health::spawn(&generation, &generation.retired);
+        if let Some(engine) = &self.engine {
+            engine.refresh();
+        }
+        Ok(())
+    }
+
+    fn serve_tcp(
+        &self,
+        listener: std::net::TcpListener,
+        serve: watch::Receiver<ListenValue>,
+        shared: Arc<Shared>,
+    ) -> Result<(), RunError> {
+        let addr = listener.local_addr().ok();
+        let err = |source| RunError::Listen {
+            addr: addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            udp: false,
+            source,
+        };
+        match &self.engine {
+            Some(engine) => {
+                // io_uring waits by itself; a blocking socket never makes it spin.
+                listener.set_nonblocking(false).map_err(err)?;
+                engine.listen(&listener, &serve).map_err(err)?;
+            }
+            None => {
+                let listener = TcpListener::from_std(listener).map_err(err)?;
+                tokio::spawn(accept_loop(listener, serve, shared));
+            }
+        }
         Ok(())
     }
 
@@ -388,13 +430,35 @@ impl Balancer {
         if !drain {
             self.shared.kill.cancel();
         }
+        if let Some(engine) = &self.engine {
+            engine.refresh();
+            if !drain {
+                engine.kill();
+            }
+        }
         self.shared.sessions.close();
         self.shared.sessions.wait().await;
     }
 }
 
+/// The io_uring engine unless `OXVIRT_LB_EPOLL=1` asks for tokio's epoll
+/// reactor or the kernel lacks what the engine needs.
+fn start_engine(workers: usize, shared: &Arc<Shared>) -> Option<Engine> {
+    if std::env::var("OXVIRT_LB_EPOLL").as_deref() == Ok("1") {
+        tracing::info!("TCP sessions on epoll (OXVIRT_LB_EPOLL=1)");
+        return None;
+    }
+    match Engine::start(workers, shared.clone(), tokio::runtime::Handle::current()) {
+        Ok(engine) => Some(engine),
+        Err(e) => {
+            tracing::warn!("TCP sessions on epoll: {e}");
+            None
+        }
+    }
+}
+
 enum Bound {
-    Tcp(TcpListener),
+    Tcp(std::net::TcpListener),
     Udp(UdpSocket),
 }
 

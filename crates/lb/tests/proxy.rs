@@ -150,8 +150,8 @@ async fn heavy_dead_backend_is_skipped_then_backup_takes_over() {
     );
     assert_eq!(spare.count(), 0);
     // Both primaries go away: the backup serves, clients see no errors.
-    a.stop();
-    b.stop();
+    a.stop().await;
+    b.stop().await;
     for _ in 0..10 {
         assert_eq!(greeting(addr).await.unwrap(), "spare");
     }

@@ -91,9 +91,11 @@ impl Backend {
         self.accepted.load(Ordering::Relaxed)
     }
 
-    /// Stops listening (new connections are refused); open ones keep going.
-    pub fn stop(self) -> SocketAddr {
+    /// Stops listening (new connections are refused once this returns;
+    /// a connection queued before is reset); open ones keep going.
+    pub async fn stop(self) -> SocketAddr {
         self.task.abort();
+        let _ = self.task.await;
         self.addr
     }
 }
