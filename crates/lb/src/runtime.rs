@@ -276,8 +276,21 @@ async fn accept_loop(
 }
 
 impl Balancer {
-    /// Binds every listener and starts serving. Call inside a tokio runtime.
+    /// Binds every listener and starts serving, TCP sessions on io_uring
+    /// where the kernel has it and `OXVIRT_LB_EPOLL=1` does not ask for
+    /// tokio's epoll reactor. Call inside a tokio runtime.
     pub fn start(config: Config) -> Result<Balancer, RunError> {
+        let epoll = std::env::var("OXVIRT_LB_EPOLL").as_deref() == Ok("1");
+        if epoll {
+            tracing::info!("TCP sessions on epoll (OXVIRT_LB_EPOLL=1)");
+        }
+        Self::start_with(config, !epoll)
+    }
+
+    /// [`Balancer::start`] with the engine chosen by the caller: `io_uring`
+    /// false always uses epoll; true falls back to it when the kernel's
+    /// io_uring lacks something.
+    pub fn start_with(config: Config, io_uring: bool) -> Result<Balancer, RunError> {
         let zones = Mutex::new(HashMap::new());
         let capacity = config.max_sessions.map(|n| Arc::new(Semaphore::new(n)));
         let api_conf = config.runtime_api.clone();
@@ -297,7 +310,11 @@ impl Balancer {
             })),
             capacity,
         });
-        let engine = start_engine(workers, &shared);
+        let engine = if io_uring {
+            start_engine(workers, &shared)
+        } else {
+            None
+        };
         let mut balancer = Balancer {
             shared,
             engine,
@@ -441,13 +458,8 @@ impl Balancer {
     }
 }
 
-/// The io_uring engine unless `OXVIRT_LB_EPOLL=1` asks for tokio's epoll
-/// reactor or the kernel lacks what the engine needs.
+/// The io_uring engine, unless the kernel lacks what it needs.
 fn start_engine(workers: usize, shared: &Arc<Shared>) -> Option<Engine> {
-    if std::env::var("OXVIRT_LB_EPOLL").as_deref() == Ok("1") {
-        tracing::info!("TCP sessions on epoll (OXVIRT_LB_EPOLL=1)");
-        return None;
-    }
     match Engine::start(workers, shared.clone(), tokio::runtime::Handle::current()) {
         Ok(engine) => Some(engine),
         Err(e) => {

@@ -351,3 +351,95 @@ async fn heavy_next_upstream_tries_and_off() {
     );
     assert_eq!(live.count(), 1);
 }
+
+/// A listening socket that never accepts, its queue full: SYNs to it get no
+/// answer, so connecting to it times out.
+fn unanswering_listener() -> (socket2::Socket, Vec<std::net::TcpStream>) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let queued = (0..3)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    (l, queued)
+}
+
+/// Both TCP engines balance, move short and bulk data both ways, give up on
+/// a connect that gets no answer after proxy_connect_timeout and go on to
+/// the next server, and log what the session did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_io_uring_and_epoll_engines_behave_alike() {
+    for io_uring in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let (silent, _queued) = unanswering_listener();
+        let silent = silent.local_addr().unwrap().as_socket().unwrap();
+        let port = free_port();
+        let log = dir.path().join("access.log");
+        let lb = start_with(
+            dir.path(),
+            &format!(
+                "stream {{
+  log_format up '$upstream_addr $status $bytes_received $bytes_sent';
+  upstream u {{ server {silent} max_fails=1 fail_timeout=30s; server {}; server {}; }}
+  server {{ listen 127.0.0.1:{port}; proxy_pass u; proxy_connect_timeout 300ms; access_log {} up; }}
+}}",
+                a.addr,
+                b.addr,
+                log.display()
+            ),
+            io_uring,
+        );
+        if io_uring && !require_io_uring(&lb) {
+            continue;
+        }
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t = Instant::now();
+        assert_eq!(greeting(addr).await.unwrap(), "a", "io_uring={io_uring}");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "io_uring={io_uring}: the silent server was given up after {took:?}, not ~300ms"
+        );
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(greeting(addr).await.unwrap());
+        }
+        assert_eq!(seen, ["b", "a", "b", "a"], "io_uring={io_uring}");
+        let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 251) as u8).collect();
+        assert_eq!(echo_through(port, &data).await, data, "io_uring={io_uring}");
+        let logged = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        wait_for("six access log lines", Duration::from_secs(5), || {
+            logged() >= 6
+        })
+        .await;
+        drop(lb);
+        let lines = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 6, "io_uring={io_uring}: {lines:?}");
+        assert_eq!(
+            lines[0],
+            format!("{silent}, {} 200 0 2", a.addr),
+            "io_uring={io_uring}"
+        );
+        assert_eq!(
+            lines[5],
+            format!("{} 200 {} {}", b.addr, data.len(), data.len() + 2),
+            "io_uring={io_uring}"
+        );
+    }
+}

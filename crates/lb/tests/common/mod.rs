@@ -36,11 +36,29 @@ pub fn config(dir: &Path, text: &str) -> Config {
 }
 
 pub fn start(dir: &Path, text: &str) -> Balancer {
+    start_with(dir, text, true)
+}
+
+/// A balancer on the io_uring engine (`io_uring`, where the kernel has it)
+/// or on epoll.
+pub fn start_with(dir: &Path, text: &str, io_uring: bool) -> Balancer {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("info")
         .try_init();
-    Balancer::start(config(dir, text)).unwrap()
+    Balancer::start_with(config(dir, text), io_uring).unwrap()
+}
+
+/// Loud skip when io_uring is unavailable; fails instead under OXVIRT_REQUIRE_KVM=1.
+pub fn require_io_uring(lb: &Balancer) -> bool {
+    if lb.uses_io_uring() {
+        return true;
+    }
+    if std::env::var("OXVIRT_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("the io_uring engine did not start (OXVIRT_REQUIRE_KVM=1); see the log for why");
+    }
+    eprintln!("!!!!!! SKIP: io_uring is unavailable here; only the epoll engine was tested !!!!!!");
+    false
 }
 
 /// A backend that greets with `NAME\n`, then echoes; counts accepted connections.
