@@ -84,10 +84,11 @@ def migrate(tool, rate, limit):
     mk = oxvirt if tool == "oxvirt" else qemu
     tag = f"{tool}-{rate}-{limit}"
     api, mig = f"{W}/{tag}.api", f"unix:{W}/{tag}.mig"
+    logs = env.get("LOGDIR") or W
     src = subprocess.Popen(mk(rate, tag + "-src", api=api), stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                           stdout=subprocess.DEVNULL, stderr=open(f"{logs}/{tag}-src.log", "w"))
     dst = subprocess.Popen(mk(rate, tag + "-dst", incoming=mig), stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                           stdout=subprocess.DEVNULL, stderr=open(f"{logs}/{tag}-dst.log", "w"))
     try:
         if not wait_for(tag + "-src", r"fill_mib", 120):
             raise SystemExit(f"{tag}: the source never filled its memory: {console(tag + '-src')[-500:]}")
@@ -134,16 +135,18 @@ print("dirty: requested MiB/s; achieved = last pass before / slowest pass during
 hdr = (f"{'dirty':>5} {'limit':>5} {'tool':7} {'status':10} {'total ms':>9} {'down ms':>8} "
        f"{'MiB sent':>9} {'achieved':>9} {'verify':>6}")
 print(hdr)
-for rate in (0, 50, 200):
-    for limit in (30, 300):
-        results = {t: migrate(t, rate, limit) for t in ("oxvirt", "qemu")}
-        for tool, r in results.items():
-            if r["status"] != "completed":
-                print(f"{rate:5} {limit:5} {tool:7} {r['status']}"); continue
-            print(f"{rate:5} {limit:5} {tool:7} {r['status']:10} {r['total']:9} {r['down']:8} "
-                  f"{r['bytes'] / 2**20:9.1f} {fmt_rate(r):>9} {str(r['verified']):>6}")
-        o, q = results["oxvirt"], results["qemu"]
-        if o["status"] == q["status"] == "completed":
-            print(f"{'':5} {'':5} {'ratio':7} {'':10} {ratio(o['total'], q['total']):>9} "
-                  f"{ratio(o['down'], q['down']):>8} {ratio(o['bytes'], q['bytes']):>9}", flush=True)
+# ROWS="200:300 50:30" runs only those (dirty rate:downtime limit) rows.
+rows = [tuple(map(int, r.split(":"))) for r in env.get("ROWS", "").split()] or \
+    [(rate, limit) for rate in (0, 50, 200) for limit in (30, 300)]
+for rate, limit in rows:
+    results = {t: migrate(t, rate, limit) for t in ("oxvirt", "qemu")}
+    for tool, r in results.items():
+        if r["status"] != "completed":
+            print(f"{rate:5} {limit:5} {tool:7} {r['status']}"); continue
+        print(f"{rate:5} {limit:5} {tool:7} {r['status']:10} {r['total']:9} {r['down']:8} "
+              f"{r['bytes'] / 2**20:9.1f} {fmt_rate(r):>9} {str(r['verified']):>6}")
+    o, q = results["oxvirt"], results["qemu"]
+    if o["status"] == q["status"] == "completed":
+        print(f"{'':5} {'':5} {'ratio':7} {'':10} {ratio(o['total'], q['total']):>9} "
+              f"{ratio(o['down'], q['down']):>8} {ratio(o['bytes'], q['bytes']):>9}", flush=True)
 PY

@@ -114,8 +114,18 @@ pub fn restore(
     vcpu_fds: &[VcpuFd],
     virtio: &VirtioDevices,
 ) -> Result<(), StateError> {
+    let started = std::time::Instant::now();
     match load(&received, vm, vcpu_fds, virtio) {
-        Ok(()) => Ok(received.confirm()?),
+        Ok(()) => {
+            let loaded = started.elapsed();
+            received.confirm()?;
+            tracing::debug!(
+                load_us = loaded.as_micros() as u64,
+                confirm_us = started.elapsed().as_micros() as u64,
+                "incoming migration state loaded"
+            );
+            Ok(())
+        }
         Err(e) => {
             received.reject(&e.to_string());
             Err(e)

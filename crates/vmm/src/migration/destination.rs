@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use devices::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::pagemap::{Pagemap, CHUNK_PAGES};
 use super::stream::{
     decode_blob, parse_ram, PageData, Section, SectionKind, Setup, StreamError, StreamReader,
 };
@@ -66,36 +67,78 @@ fn send_error(mut rp: Box<dyn Write + Send>, reason: &str) {
         .and_then(|()| rp.write_all(reason.as_bytes()));
 }
 
-/// Writes one page into guest memory.
-fn apply(
-    memory: &GuestMemory,
-    section: &Section,
-    addr: u64,
-    page: PageData,
-    scratch: &mut [u8],
-) -> Result<(), StreamError> {
-    let at = GuestAddress(addr);
-    let outside = |e: vm_memory::GuestMemoryError| {
-        section.bad(format!("page {addr:#x} is outside guest memory ({e})"))
-    };
-    match page {
-        PageData::Zero => {
-            // Most zero pages land on untouched RAM: writing them would
-            // allocate memory the guest never used.
-            memory.read_slice(scratch, at).map_err(outside)?;
-            if super::is_zero(scratch) {
-                return Ok(());
+/// What one channel's reader reuses from page to page.
+struct Applier<'m> {
+    memory: &'m GuestMemory,
+    scratch: Vec<u8>,
+    pagemap: Pagemap,
+    untouched: Vec<bool>,
+}
+
+impl<'m> Applier<'m> {
+    fn new(memory: &'m GuestMemory) -> Self {
+        Applier {
+            memory,
+            scratch: vec![0; PAGE_SIZE],
+            pagemap: Pagemap::open(),
+            untouched: Vec::new(),
+        }
+    }
+
+    /// Writes one record into guest memory.
+    fn apply(&mut self, section: &Section, addr: u64, page: PageData) -> Result<(), StreamError> {
+        let at = GuestAddress(addr);
+        let outside = |e: vm_memory::GuestMemoryError| {
+            section.bad(format!("page {addr:#x} is outside guest memory ({e})"))
+        };
+        match page {
+            PageData::Zeros(count) => self.zeros(section, addr, count),
+            PageData::Full(data) => self.memory.write_slice(data, at).map_err(outside),
+            PageData::Xbzrle(encoded) => {
+                self.memory
+                    .read_slice(&mut self.scratch, at)
+                    .map_err(outside)?;
+                xbzrle::decode(encoded, &mut self.scratch)
+                    .map_err(|e| section.bad(format!("page {addr:#x}: {e}")))?;
+                self.memory.write_slice(&self.scratch, at).map_err(outside)
             }
-            scratch.fill(0);
-            memory.write_slice(scratch, at).map_err(outside)
         }
-        PageData::Full(data) => memory.write_slice(data, at).map_err(outside),
-        PageData::Xbzrle(encoded) => {
-            memory.read_slice(scratch, at).map_err(outside)?;
-            xbzrle::decode(encoded, scratch)
-                .map_err(|e| section.bad(format!("page {addr:#x}: {e}")))?;
-            memory.write_slice(scratch, at).map_err(outside)
+    }
+
+    /// A zero run. Most zero pages land on RAM nobody touched: those are
+    /// skipped unread; a touched page is read and cleared only if needed
+    /// (writing would allocate memory the guest never used).
+    fn zeros(&mut self, section: &Section, addr: u64, count: u32) -> Result<(), StreamError> {
+        let mut done = 0u64;
+        while done < u64::from(count) {
+            let pages = (u64::from(count) - done).min(CHUNK_PAGES as u64) as usize;
+            let first = addr + done * PAGE_SIZE as u64;
+            let mut untouched = std::mem::take(&mut self.untouched);
+            self.pagemap
+                .untouched(self.memory, first, pages, &mut untouched);
+            let cleared = (untouched.iter().enumerate())
+                .filter(|(_, &u)| !u)
+                .try_for_each(|(i, _)| self.clear(section, first + (i * PAGE_SIZE) as u64));
+            self.untouched = untouched;
+            cleared?;
+            done += pages as u64;
         }
+        Ok(())
+    }
+
+    fn clear(&mut self, section: &Section, addr: u64) -> Result<(), StreamError> {
+        let at = GuestAddress(addr);
+        let outside = |e: vm_memory::GuestMemoryError| {
+            section.bad(format!("page {addr:#x} is outside guest memory ({e})"))
+        };
+        self.memory
+            .read_slice(&mut self.scratch, at)
+            .map_err(outside)?;
+        if super::is_zero(&self.scratch) {
+            return Ok(());
+        }
+        self.scratch.fill(0);
+        self.memory.write_slice(&self.scratch, at).map_err(outside)
     }
 }
 
@@ -114,13 +157,16 @@ fn read_channel<R: Read>(
     main: bool,
 ) -> Result<Collected, StreamError> {
     let mut out = Collected::default();
-    let mut scratch = vec![0u8; PAGE_SIZE];
+    let mut applier = Applier::new(memory);
     loop {
         let section = reader.next_section()?;
         match section.kind {
             SectionKind::Ram => parse_ram(&section, |addr, page| {
-                out.pages += 1;
-                apply(memory, &section, addr, page, &mut scratch)
+                out.pages += match page {
+                    PageData::Zeros(count) => u64::from(count),
+                    _ => 1,
+                };
+                applier.apply(&section, addr, page)
             })?,
             SectionKind::Vcpu if main => {
                 let (name, blob) = decode_blob(&section)?;

@@ -6,6 +6,7 @@
 //! bitmaps, pause/resume and state blobs through [`source::MigratableVm`].
 
 pub mod destination;
+pub(crate) mod pagemap;
 pub mod params;
 pub mod source;
 pub mod stream;

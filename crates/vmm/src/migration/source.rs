@@ -16,6 +16,7 @@ use devices::GuestMemory;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::pagemap::{Pagemap, CHUNK_PAGES};
 use super::params::{
     Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError, RamStats, XbzrleStats,
 };
@@ -246,6 +247,85 @@ impl RateMeter {
     }
 }
 
+/// One pass over the pages: when it started and the bytes sent before it.
+struct Pass {
+    started: Instant,
+    bytes_before: u64,
+}
+
+/// What a pass sent and how long it took.
+struct PassSent {
+    bytes: u64,
+    time: Duration,
+}
+
+impl Pass {
+    fn start(transferred: u64) -> Self {
+        Pass {
+            started: Instant::now(),
+            bytes_before: transferred,
+        }
+    }
+
+    fn end(&self, transferred: u64) -> PassSent {
+        PassSent {
+            bytes: transferred - self.bytes_before,
+            time: self.started.elapsed(),
+        }
+    }
+}
+
+/// What to do after a dirty sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Stop the guest and send the rest.
+    Switch,
+    /// The rest fits downtime-limit, but another pass shrinks it a lot.
+    Shrink,
+    /// The rest does not fit downtime-limit yet.
+    TooMuch,
+}
+
+/// When to stop the guest. QEMU switches over as soon as the rest fits
+/// downtime-limit; we do too, unless one more pass is predicted to leave
+/// at most half as much (the pages dirtied while sending the rest), in
+/// which case the pass costs little more than the downtime it saves and
+/// the guest stops for less.
+#[derive(Debug, Default)]
+struct Switchover {
+    shrink_passes: u32,
+}
+
+/// Below this expected downtime another pass is not worth a sync.
+const DOWNTIME_FLOOR_MS: f64 = 1.0;
+/// At most this many passes beyond the first that fits.
+const MAX_SHRINK_PASSES: u32 = 4;
+
+impl Switchover {
+    /// `expected_ms`: the rest at the measured bandwidth; `dirtied_next`:
+    /// pages the guest is predicted to dirty while one more pass sends it.
+    fn decide(
+        &mut self,
+        expected_ms: f64,
+        limit_ms: f64,
+        dirty_pages: u64,
+        dirtied_next: f64,
+    ) -> Decision {
+        if expected_ms > limit_ms {
+            return Decision::TooMuch;
+        }
+        let worth = expected_ms > DOWNTIME_FLOOR_MS
+            && dirtied_next * 2.0 <= dirty_pages as f64
+            && self.shrink_passes < MAX_SHRINK_PASSES;
+        if worth {
+            self.shrink_passes += 1;
+            Decision::Shrink
+        } else {
+            Decision::Switch
+        }
+    }
+}
+
 /// A multifd channel: a thread writing page sections to its connection.
 struct MultifdChannel {
     tx: SyncSender<Vec<u8>>,
@@ -277,24 +357,6 @@ struct Engine<'a> {
     page: Vec<u8>,
     /// Pages of the current pass not sent yet.
     pending: u64,
-}
-
-/// Every page of every region, as the bulk pass visits them.
-fn all_pages(memory: &GuestMemory) -> DirtyBitmap {
-    memory
-        .iter()
-        .map(|r| {
-            let pages = r.len() / PAGE_SIZE as u64;
-            let mut words = vec![u64::MAX; pages.div_ceil(64) as usize];
-            let tail = pages % 64;
-            if tail > 0 {
-                if let Some(last) = words.last_mut() {
-                    *last = (1u64 << tail) - 1;
-                }
-            }
-            (r.start_addr().0, words)
-        })
-        .collect()
 }
 
 fn count_pages(bitmap: &DirtyBitmap) -> u64 {
@@ -329,8 +391,37 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// Sends every page set in `bitmap`; `bulk` is the first pass.
-    fn send_pages(&mut self, bitmap: &DirtyBitmap, bulk: bool) -> Result<(), SourceError> {
+    /// The first pass: every page; pages nobody touched go as zero unread.
+    fn send_bulk(&mut self) -> Result<(), SourceError> {
+        let regions: Vec<(u64, u64)> = (self.vm.memory().iter())
+            .map(|r| (r.start_addr().0, r.len() / PAGE_SIZE as u64))
+            .collect();
+        self.pending = regions.iter().map(|(_, pages)| pages).sum();
+        let mut pagemap = Pagemap::open();
+        let mut untouched = Vec::with_capacity(CHUNK_PAGES);
+        for (start, pages) in regions {
+            let mut done = 0;
+            while done < pages {
+                let count = (pages - done).min(CHUNK_PAGES as u64) as usize;
+                let first = start + done * PAGE_SIZE as u64;
+                pagemap.untouched(self.vm.memory(), first, count, &mut untouched);
+                for (i, &untouched) in untouched.iter().enumerate() {
+                    let addr = first + (i * PAGE_SIZE) as u64;
+                    if untouched {
+                        self.send_zero(addr)?;
+                    } else {
+                        self.send_page(addr, true)?;
+                    }
+                    self.pending -= 1;
+                }
+                done += count as u64;
+            }
+        }
+        self.flush_all()
+    }
+
+    /// Sends every page set in `bitmap`.
+    fn send_dirty(&mut self, bitmap: &DirtyBitmap) -> Result<(), SourceError> {
         self.pending = count_pages(bitmap);
         for (base, words) in bitmap {
             for (wi, &word) in words.iter().enumerate() {
@@ -339,7 +430,7 @@ impl<'a> Engine<'a> {
                     let bit = u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
                     let addr = base + (wi as u64 * 64 + bit) * PAGE_SIZE as u64;
-                    self.send_page(addr, bulk)?;
+                    self.send_page(addr, false)?;
                     self.pending -= 1;
                 }
             }
@@ -347,50 +438,69 @@ impl<'a> Engine<'a> {
         self.flush_all()
     }
 
-    fn send_page(&mut self, addr: u64, bulk: bool) -> Result<(), SourceError> {
-        // A private copy: the guest may write the page while it is encoded.
-        self.vm
-            .memory()
-            .read_slice(&mut self.page, GuestAddress(addr))
-            .map_err(|e| SourceError::Memory {
-                addr,
-                problem: e.to_string(),
-            })?;
-        let channel = match &self.channels {
+    /// The batch (channel) a page travels in.
+    fn channel_of(&self, addr: u64) -> usize {
+        match &self.channels {
             PageChannels::Main => 0,
             PageChannels::Multifd(c) => {
                 ((addr / PAGE_SIZE as u64 / SHARD_PAGES) % c.len() as u64) as usize
             }
+        }
+    }
+
+    fn send_zero(&mut self, addr: u64) -> Result<(), SourceError> {
+        let channel = self.channel_of(addr);
+        self.ram.duplicate += 1;
+        self.batches[channel].push_zero(addr);
+        self.flush_if_full(channel)
+    }
+
+    fn send_page(&mut self, addr: u64, bulk: bool) -> Result<(), SourceError> {
+        let channel = self.channel_of(addr);
+        let memory = self.vm.memory();
+        let read_err = |e: vm_memory::GuestMemoryError| SourceError::Memory {
+            addr,
+            problem: e.to_string(),
         };
-        let xbzrle = self.xbzrle.as_mut().filter(|_| !bulk);
-        if super::is_zero(&self.page) {
-            if let Some(x) = xbzrle {
-                x.zero_page(addr);
+        let Some(xbzrle) = self.xbzrle.as_mut().filter(|_| !bulk) else {
+            // Read straight into the batch: a guest write racing with the
+            // copy dirties the page again, so it is sent again.
+            let zero = self.batches[channel]
+                .push_read(addr, |buf| memory.read_slice(buf, GuestAddress(addr)))
+                .map_err(read_err)?;
+            if zero {
+                self.ram.duplicate += 1;
+            } else {
+                self.ram.normal += 1;
+                self.ram.normal_bytes += PAGE_SIZE as u64;
             }
+            return self.flush_if_full(channel);
+        };
+        // A private copy: the cache must hold exactly what was sent.
+        memory
+            .read_slice(&mut self.page, GuestAddress(addr))
+            .map_err(read_err)?;
+        if super::is_zero(&self.page) {
+            xbzrle.zero_page(addr);
             self.ram.duplicate += 1;
-            self.batches[channel].push(addr, &PageData::Zero);
-        } else {
-            let outcome = match xbzrle {
-                Some(x) => x.save_page(addr, &self.page, self.ram.dirty_sync_count),
-                None => Outcome::Full,
-            };
-            match outcome {
-                Outcome::Unchanged => {}
-                Outcome::Encoded => {
-                    let encoded = self
-                        .xbzrle
-                        .as_ref()
-                        .map(Encoder::encoded)
-                        .unwrap_or_default();
-                    self.batches[channel].push(addr, &PageData::Xbzrle(encoded));
-                }
-                Outcome::Full => {
-                    self.ram.normal += 1;
-                    self.ram.normal_bytes += PAGE_SIZE as u64;
-                    self.batches[channel].push(addr, &PageData::Full(&self.page));
-                }
+            self.batches[channel].push_zero(addr);
+            return self.flush_if_full(channel);
+        }
+        match xbzrle.save_page(addr, &self.page, self.ram.dirty_sync_count) {
+            Outcome::Unchanged => {}
+            Outcome::Encoded => {
+                self.batches[channel].push(addr, &PageData::Xbzrle(xbzrle.encoded()));
+            }
+            Outcome::Full => {
+                self.ram.normal += 1;
+                self.ram.normal_bytes += PAGE_SIZE as u64;
+                self.batches[channel].push(addr, &PageData::Full(&self.page));
             }
         }
+        self.flush_if_full(channel)
+    }
+
+    fn flush_if_full(&mut self, channel: usize) -> Result<(), SourceError> {
         if self.batches[channel].is_full() {
             self.flush(channel)?;
         }
@@ -473,10 +583,17 @@ impl<'a> Engine<'a> {
         result
     }
 
-    fn bandwidth(&self, active_since: Instant) -> f64 {
-        self.meter.rate.unwrap_or_else(|| {
-            self.ram.transferred as f64 / active_since.elapsed().as_secs_f64().max(1e-3)
-        })
+    /// Bytes per second the link takes: the better of the last pass's
+    /// rate and the last 100 ms window's (both include time spent on pages
+    /// that cost no bytes, so both are lower bounds), else the average.
+    fn bandwidth(&self, pass: &PassSent, active_since: Instant) -> f64 {
+        let pass_rate = pass.bytes as f64 / pass.time.as_secs_f64().max(1e-4);
+        let rate = pass_rate.max(self.meter.rate.unwrap_or(0.0));
+        if rate > 0.0 {
+            rate
+        } else {
+            (self.ram.transferred as f64 / active_since.elapsed().as_secs_f64().max(1e-3)).max(1.0)
+        }
     }
 
     fn publish(&self) {
@@ -515,11 +632,12 @@ impl<'a> Engine<'a> {
     fn iterate(&mut self) -> Result<DirtyBitmap, SourceError> {
         let active_since = Instant::now();
         let mut last_sync = active_since;
-        let bulk = all_pages(self.vm.memory());
-        self.send_pages(&bulk, true)?;
+        let mut pass = Pass::start(self.ram.transferred);
+        self.send_bulk()?;
         let mut auto = AutoConverge::default();
-        let mut sent_at_sync = self.ram.transferred;
+        let mut switchover = Switchover::default();
         loop {
+            let sent = pass.end(self.ram.transferred);
             let dirty = self
                 .vm
                 .take_dirty_pages()
@@ -529,49 +647,64 @@ impl<'a> Engine<'a> {
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
             self.ram.dirty_pages_rate = (dirty_pages as f64 / period) as u64;
             last_sync = Instant::now();
-            let bandwidth = self.bandwidth(active_since);
+            let bandwidth = self.bandwidth(&sent, active_since);
             self.ram.mbps = bandwidth * 8.0 / 1e6;
             let remaining = dirty_pages * PAGE_SIZE as u64;
-            let expected_ms = (remaining as f64 / bandwidth * 1000.0) as u64;
+            let expected_ms = remaining as f64 / bandwidth * 1000.0;
             self.control
-                .update(|i| i.expected_downtime = Some(expected_ms));
+                .update(|i| i.expected_downtime = Some(expected_ms as u64));
             self.pending = dirty_pages;
             self.publish();
             if self.caps.events {
                 (self.events)("MIGRATION_PASS", json!({"pass": self.ram.dirty_sync_count}));
             }
+            let decision = switchover.decide(
+                expected_ms,
+                self.params.downtime_limit as f64,
+                dirty_pages,
+                self.ram.dirty_pages_rate as f64 * expected_ms / 1000.0,
+            );
             tracing::debug!(
                 pass = self.ram.dirty_sync_count,
                 dirty_pages,
-                bandwidth,
-                "migration pass"
+                pass_bytes = sent.bytes,
+                pass_ms = sent.time.as_secs_f64() * 1000.0,
+                bandwidth_mib_s = bandwidth / f64::from(1 << 20),
+                expected_ms,
+                ?decision,
+                "migration sync"
             );
-            if expected_ms <= self.params.downtime_limit {
+            if decision == Decision::Switch {
                 return Ok(dirty);
             }
-            if self.caps.auto_converge {
-                let sent = self.ram.transferred - sent_at_sync;
+            if self.caps.auto_converge && decision == Decision::TooMuch {
                 let current = self.control.throttle_percentage();
-                if let Some(t) = auto.after_sync(remaining, sent, current, &self.params) {
+                if let Some(t) = auto.after_sync(remaining, sent.bytes, current, &self.params) {
                     tracing::info!(throttle = t, "migration auto-converge throttle");
                     self.control.throttle.store(t, Ordering::Relaxed);
                 }
             }
-            sent_at_sync = self.ram.transferred;
-            self.send_pages(&dirty, false)?;
+            pass = Pass::start(self.ram.transferred);
+            self.send_dirty(&dirty)?;
         }
     }
 
     /// Paused: the last pages, the state, the end of stream.
     fn complete(&mut self, mut rest: DirtyBitmap) -> Result<(), SourceError> {
+        let t0 = Instant::now();
         let last = self
             .vm
             .take_dirty_pages()
             .map_err(vm_err("syncing the dirty bitmap"))?;
         merge(&mut rest, last);
         self.ram.dirty_sync_count += 1;
-        self.send_pages(&rest, false)?;
+        let t_sync = t0.elapsed();
+        let final_pages = count_pages(&rest);
+        // As QEMU: the guest is stopped, the rest goes at full speed.
+        self.meter.limit = f64::INFINITY;
+        self.send_dirty(&rest)?;
         self.finish_multifd()?;
+        let t_send = t0.elapsed();
         let state = self
             .vm
             .save_state()
@@ -586,6 +719,13 @@ impl<'a> Engine<'a> {
         }
         self.main.section(SectionKind::End, &[])?;
         self.main.flush()?;
+        tracing::debug!(
+            final_pages,
+            sync_us = t_sync.as_micros() as u64,
+            send_us = t_send.as_micros() as u64,
+            state_us = t0.elapsed().as_micros() as u64,
+            "migration final stage"
+        );
         self.pending = 0;
         self.publish();
         Ok(())
@@ -827,12 +967,22 @@ fn run(
     let paused_at = Instant::now();
     engine.vm.pause();
     *paused = true;
+    tracing::debug!(
+        pause_us = paused_at.elapsed().as_micros() as u64,
+        "migration vCPUs paused"
+    );
     engine.complete(rest)?;
     drop(engine);
+    let sent_at = paused_at.elapsed();
     match return_path {
         Some(rp) => await_confirmation(rp)?,
         None => conn_slot.take().map_or(Ok(()), |c| c.finish(uri))?,
     }
+    tracing::debug!(
+        sent_us = sent_at.as_micros() as u64,
+        confirmed_us = paused_at.elapsed().as_micros() as u64,
+        "migration confirmed"
+    );
     Ok(paused_at.elapsed())
 }
 

@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use super::PAGE_SIZE;
 
 pub const MAGIC: [u8; 4] = *b"OXMG";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Sections longer than this are refused before any allocation.
 pub const MAX_SECTION_LEN: u32 = 16 << 20;
 const HEADER_LEN: u64 = 8;
@@ -323,14 +323,14 @@ impl Setup {
 /// How one page travels in a RAM section (the low bits of its address word).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageData<'a> {
-    /// All zeros: the flag only.
-    Zero,
+    /// This many pages from the address on are all zeros: no data.
+    Zeros(u32),
     Full(&'a [u8]),
     /// XBZRLE delta against the page the destination already holds.
     Xbzrle(&'a [u8]),
 }
 
-const KIND_ZERO: u64 = 1;
+const KIND_ZEROS: u64 = 1;
 const KIND_FULL: u64 = 2;
 const KIND_XBZRLE: u64 = 3;
 const KIND_MASK: u64 = PAGE_SIZE as u64 - 1;
@@ -340,19 +340,29 @@ const KIND_MASK: u64 = PAGE_SIZE as u64 - 1;
 pub struct RamBatch {
     buf: Vec<u8>,
     pages: usize,
+    /// The zero run the batch ends with: where its count is in `buf` and
+    /// the address of the page after it.
+    zero_run: Option<(usize, u64)>,
 }
 
 /// A batch is sent when its payload reaches this size.
 pub const BATCH_BYTES: usize = 256 << 10;
 
 impl RamBatch {
+    /// Adds a page with data (a zero page: [`RamBatch::push_zero`]).
     pub fn push(&mut self, addr: u64, page: &PageData) {
         debug_assert_eq!(addr & KIND_MASK, 0);
         let (kind, data, with_len) = match page {
-            PageData::Zero => (KIND_ZERO, &[][..], false),
+            PageData::Zeros(count) => {
+                for page in 0..u64::from(*count) {
+                    self.push_zero(addr + page * PAGE_SIZE as u64);
+                }
+                return;
+            }
             PageData::Full(d) => (KIND_FULL, *d, false),
             PageData::Xbzrle(d) => (KIND_XBZRLE, *d, true),
         };
+        self.zero_run = None;
         self.buf.extend_from_slice(&(addr | kind).to_le_bytes());
         if with_len {
             self.buf
@@ -360,6 +370,52 @@ impl RamBatch {
         }
         self.buf.extend_from_slice(data);
         self.pages += 1;
+    }
+
+    /// Adds a zero page: one more page of the run the batch ends with, or
+    /// a new run.
+    pub fn push_zero(&mut self, addr: u64) {
+        debug_assert_eq!(addr & KIND_MASK, 0);
+        self.pages += 1;
+        if let Some((at, next)) = self.zero_run.filter(|&(_, next)| next == addr) {
+            let count = u32::from_le_bytes(self.buf[at..at + 4].try_into().unwrap_or_default());
+            if count < u32::MAX {
+                self.buf[at..at + 4].copy_from_slice(&(count + 1).to_le_bytes());
+                self.zero_run = Some((at, next + PAGE_SIZE as u64));
+                return;
+            }
+        }
+        self.buf
+            .extend_from_slice(&(addr | KIND_ZEROS).to_le_bytes());
+        self.zero_run = Some((self.buf.len(), addr + PAGE_SIZE as u64));
+        self.buf.extend_from_slice(&1u32.to_le_bytes());
+    }
+
+    /// Adds the page at `addr` as `fill` reads it straight into the batch
+    /// (one copy); an all-zero page becomes a zero record. Returns whether
+    /// it was zero.
+    pub fn push_read<E>(
+        &mut self,
+        addr: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let start = self.buf.len();
+        self.buf
+            .extend_from_slice(&(addr | KIND_FULL).to_le_bytes());
+        self.buf.resize(start + 8 + PAGE_SIZE, 0);
+        let filled = fill(&mut self.buf[start + 8..]);
+        let zero = filled.is_ok() && super::is_zero(&self.buf[start + 8..]);
+        if filled.is_err() || zero {
+            self.buf.truncate(start);
+        }
+        filled?;
+        if zero {
+            self.push_zero(addr);
+        } else {
+            self.zero_run = None;
+            self.pages += 1;
+        }
+        Ok(zero)
     }
 
     pub fn is_full(&self) -> bool {
@@ -378,6 +434,7 @@ impl RamBatch {
     /// The payload so far; the batch is empty afterwards.
     pub fn take(&mut self) -> Vec<u8> {
         self.pages = 0;
+        self.zero_run = None;
         std::mem::take(&mut self.buf)
     }
 }
@@ -404,7 +461,18 @@ pub fn parse_ram<'a>(
         let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
         let addr = word & !KIND_MASK;
         let page = match word & KIND_MASK {
-            KIND_ZERO => PageData::Zero,
+            KIND_ZEROS => {
+                let count = take(&mut at, 4, "zero run length")?;
+                let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+                let fits = (u64::from(count).checked_mul(PAGE_SIZE as u64))
+                    .and_then(|len| addr.checked_add(len));
+                if count == 0 || fits.is_none() {
+                    return Err(section.bad(format!(
+                        "zero run at payload byte {record} of {count} pages from {addr:#x} is invalid"
+                    )));
+                }
+                PageData::Zeros(count)
+            }
             KIND_FULL => PageData::Full(take(&mut at, PAGE_SIZE, "full page")?),
             KIND_XBZRLE => {
                 let len = take(&mut at, 2, "xbzrle length")?;
@@ -467,7 +535,7 @@ mod tests {
         w.section(SectionKind::Setup, &setup.encode()).unwrap();
         boundaries.push(w.written());
         let mut batch = RamBatch::default();
-        batch.push(0, &PageData::Zero);
+        batch.push_zero(0);
         batch.push(4096, &PageData::Full(&[7u8; PAGE_SIZE]));
         batch.push(8192, &PageData::Xbzrle(&[0, 1, 9]));
         w.section(SectionKind::Ram, &batch.take()).unwrap();
@@ -521,11 +589,59 @@ mod tests {
         })
         .unwrap();
         assert_eq!(pages.len(), 3);
-        assert_eq!(pages[0], (0, PageData::Zero));
+        assert_eq!(pages[0], (0, PageData::Zeros(1)));
         assert_eq!(pages[1], (4096, PageData::Full(&[7u8; PAGE_SIZE])));
         assert_eq!(pages[2], (8192, PageData::Xbzrle(&[0, 1, 9])));
         let vcpu = r.next_section().unwrap();
         assert_eq!(decode_blob(&vcpu).unwrap(), ("0".into(), b"regs".to_vec()));
+    }
+
+    #[test]
+    fn zero_pages_in_a_row_are_one_record() {
+        let mut batch = RamBatch::default();
+        for page in [0u64, 1, 2, 5] {
+            batch.push_zero(page * PAGE_SIZE as u64);
+        }
+        let zero = batch.push_read(6 * PAGE_SIZE as u64, |p| {
+            p.fill(0);
+            Ok::<_, ()>(())
+        });
+        assert_eq!(zero, Ok(true));
+        let data = batch.push_read(7 * PAGE_SIZE as u64, |p| {
+            p[9] = 1;
+            Ok::<_, ()>(())
+        });
+        assert_eq!(data, Ok(false));
+        assert_eq!(
+            batch.push_read(8 * PAGE_SIZE as u64, |_| Err("gone")),
+            Err("gone")
+        );
+        batch.push(9 * PAGE_SIZE as u64, &PageData::Zeros(2));
+        assert_eq!(batch.pages(), 8);
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        w.section(SectionKind::Ram, &batch.take()).unwrap();
+        let bytes = w.into_inner();
+        let section = StreamReader::new(&bytes[..])
+            .unwrap()
+            .next_section()
+            .unwrap();
+        let mut records = Vec::new();
+        parse_ram(&section, |a, p| {
+            records.push((a / PAGE_SIZE as u64, p));
+            Ok(())
+        })
+        .unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        page[9] = 1;
+        assert_eq!(
+            records,
+            [
+                (0, PageData::Zeros(3)),
+                (5, PageData::Zeros(2)),
+                (7, PageData::Full(&page)),
+                (9, PageData::Zeros(2)),
+            ]
+        );
     }
 
     #[test]
@@ -535,11 +651,11 @@ mod tests {
         let err = read_all(&bytes).unwrap_err();
         assert!(matches!(err, StreamError::BadMagic { .. }), "{err}");
         let (mut bytes, _) = sample_stream();
-        bytes[4] = 2;
+        bytes[4] = 1;
         let err = read_all(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "migration stream version 2 is not supported (this build reads version 1)"
+            "migration stream version 1 is not supported (this build reads version 2)"
         );
     }
 
@@ -607,6 +723,14 @@ mod tests {
             ),
             (SectionKind::Ram, vec![7, 0, 0, 0, 0, 0, 0, 0]),
             (SectionKind::Ram, vec![1, 0, 0]),
+            (SectionKind::Ram, vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (
+                SectionKind::Ram,
+                vec![
+                    1, 0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                ],
+            ),
+            (SectionKind::Ram, vec![1, 0, 0, 0, 0, 0, 0, 0, 1]),
             (SectionKind::Vcpu, vec![9, 0, b'a']),
             (SectionKind::Device, vec![1]),
             (SectionKind::Setup, vec![0; 3]),
