@@ -74,12 +74,15 @@ enum ApiError {
     Bad(String),
     #[error("not found: {0}")]
     NotFound(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> ApiError {
         match e {
             UpstreamError::NoSuchServer { .. } => ApiError::NotFound(e.to_string()),
+            UpstreamError::State { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::Bad(e.to_string()),
         }
     }
@@ -152,6 +155,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Arc<Shared>
             Ok(reply) => reply,
             Err(e @ ApiError::NotFound(_)) => ("404 Not Found", "application/json", error_json(&e)),
             Err(e @ ApiError::Bad(_)) => ("400 Bad Request", "application/json", error_json(&e)),
+            Err(e @ ApiError::Internal(_)) => {
+                tracing::error!("runtime API: {e}");
+                (
+                    "500 Internal Server Error",
+                    "application/json",
+                    error_json(&e),
+                )
+            }
         };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -321,6 +332,7 @@ fn route(r: &Request, shared: &Shared) -> Reply {
             let (conf, down, drain) = body::<NewServer>(r)?.into_peer()?;
             let peer = u.add(conf, down, drain)?;
             tracing::info!(upstream = %u.name, server = %peer.conf.addr, id = peer.id, "server added through the API");
+            u.save_state()?;
             // A DELETE racing in may have removed it again: report it as added.
             let state = u.status_of(peer.id).map_or(PeerStatus::Up, |(_, s)| s);
             let view = serde_json::json!(server_view(&peer, state));
@@ -330,6 +342,7 @@ fn route(r: &Request, shared: &Shared) -> Reply {
             let u = find(name)?;
             let peer = u.remove(server_id(u, id)?)?;
             tracing::info!(upstream = %u.name, server = %peer.conf.addr, id = peer.id, "server removed through the API");
+            u.save_state()?;
             json(servers(u))
         }
         ("PATCH", ["api", "upstreams", name, "servers", id]) => {
@@ -348,6 +361,7 @@ fn route(r: &Request, shared: &Shared) -> Reply {
             if let Some(d) = patch.drain {
                 peer.draining.store(d, Ordering::Relaxed);
             }
+            u.save_state()?;
             json(view(u))
         }
         ("GET", ["api", "stats"]) => {

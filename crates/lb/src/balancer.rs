@@ -4,9 +4,12 @@
 //! down, max_conns, plus runtime state (health checks, drain, API weight) and
 //! servers added or removed at run time.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{Method, PeerConf, UpstreamConf};
 
@@ -23,6 +26,12 @@ pub enum UpstreamError {
     BackupNeedsRoundRobin(String),
     #[error("upstream \"{0}\": weight must be at least 1")]
     ZeroWeight(String),
+    #[error("upstream \"{upstream}\": the change is made but cannot be saved to its state file {path}: {reason}")]
+    State {
+        upstream: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// One upstream server and its live counters. Sessions hold it by `Arc`; a
@@ -73,6 +82,8 @@ pub struct Upstream {
     pub name: String,
     method: Method,
     peers: Mutex<Peers>,
+    /// The `state` file, and a lock that keeps its writes in order.
+    state: Option<(PathBuf, Mutex<()>)>,
 }
 
 /// Why a peer is not eligible right now; also what the API reports.
@@ -99,7 +110,10 @@ impl Upstream {
         let mut taken = vec![false; old.as_ref().map_or(0, |o| o.list.len())];
         for pc in &conf.servers {
             let kept = old.as_ref().and_then(|o| {
-                let i = (0..o.list.len()).find(|&i| !taken[i] && o.list[i].conf == *pc)?;
+                // The file line or, from a state file, what the API made of it.
+                let i = (0..o.list.len()).find(|&i| {
+                    !taken[i] && (o.list[i].conf == *pc || o.list[i].current_conf() == *pc)
+                })?;
                 taken[i] = true;
                 Some((o.list[i].clone(), o.state[i].clone()))
             });
@@ -122,6 +136,7 @@ impl Upstream {
             name: conf.name.clone(),
             method: conf.method.clone(),
             peers: Mutex::new(peers),
+            state: conf.state.clone().map(|p| (p, Mutex::new(()))),
         };
         upstream.rebuild_points(&mut upstream.lock());
         upstream
@@ -129,6 +144,25 @@ impl Upstream {
 
     pub fn method(&self) -> &Method {
         &self.method
+    }
+
+    /// Writes the current servers to the `state` file, if the upstream has
+    /// one (through a temporary file and a rename: never half written).
+    pub fn save_state(&self) -> Result<(), UpstreamError> {
+        let Some((path, order)) = &self.state else {
+            return Ok(());
+        };
+        let _order = order.lock().unwrap_or_else(|e| e.into_inner());
+        let text: String = self
+            .peers()
+            .iter()
+            .map(|p| state_line(&p.current_conf()))
+            .collect();
+        write_atomically(path, text.as_bytes()).map_err(|e| UpstreamError::State {
+            upstream: self.name.clone(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Peers> {
@@ -303,7 +337,7 @@ impl Upstream {
 impl Peers {
     fn status(&self, i: usize, now: Instant) -> PeerStatus {
         let (p, st) = (&self.list[i], &self.state[i]);
-        if p.conf.down || p.admin_down.load(Ordering::Relaxed) {
+        if p.admin_down.load(Ordering::Relaxed) {
             PeerStatus::Down
         } else if p.draining.load(Ordering::Relaxed) {
             PeerStatus::Draining
@@ -482,8 +516,8 @@ impl Peer {
             conf: conf.clone(),
             weight: AtomicU32::new(conf.weight),
             active: AtomicU32::new(0),
-            admin_down: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            admin_down: AtomicBool::new(conf.down),
+            draining: AtomicBool::new(conf.drain),
             healthy: AtomicBool::new(true),
             check_fails: AtomicU32::new(0),
             check_passes: AtomicU32::new(0),
@@ -493,6 +527,54 @@ impl Peer {
             failures: AtomicU64::new(0),
         }
     }
+}
+
+impl Peer {
+    /// The `server` line as the API has changed it (weight, down, drain).
+    pub fn current_conf(&self) -> PeerConf {
+        PeerConf {
+            weight: self.weight.load(Ordering::Relaxed),
+            down: self.admin_down.load(Ordering::Relaxed),
+            drain: self.draining.load(Ordering::Relaxed),
+            ..self.conf.clone()
+        }
+    }
+}
+
+/// One `server` line of a state file, in the syntax the config reads back.
+fn state_line(c: &PeerConf) -> String {
+    let mut line = format!(
+        "server {} weight={} max_fails={} fail_timeout={} max_conns={}",
+        c.name,
+        c.weight,
+        c.max_fails,
+        duration_text(c.fail_timeout),
+        c.max_conns
+    );
+    for (on, flag) in [(c.backup, "backup"), (c.down, "down"), (c.drain, "drain")] {
+        if on {
+            let _ = write!(line, " {flag}");
+        }
+    }
+    line.push_str(";\n");
+    line
+}
+
+fn duration_text(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// nginx's ketama ring: `crc32(HOST \0 PORT PREV_HASH)`, 160 points per weight.

@@ -764,3 +764,149 @@ stream {{ server {{ listen 127.0.0.1:{port} udp proxy_protocol; proxy_pass {back
         .unwrap();
     assert_eq!(&buf[..n], b"again");
 }
+
+/// (id, weight, state) of each server, as the API lists them.
+async fn server_table(api: &std::path::Path) -> Vec<(u64, u64, String)> {
+    let (_, body) = http(api, "GET", "/api/upstreams/app", "").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_u64().unwrap(),
+                s["weight"].as_u64().unwrap(),
+                s["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// nginx Plus's `state FILE`: what the API changes (weight, drain, down,
+/// servers added and removed) goes to the file at once and is read back by a
+/// reload (ids and counters stay with the servers) and by a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_state_file_keeps_api_changes_across_reload_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two, three) = (
+        Backend::start("one").await,
+        Backend::start("two").await,
+        Backend::start("three").await,
+    );
+    let port = free_port();
+    let state = dir.path().join("app.state");
+    std::fs::write(
+        &state,
+        format!("server {} weight=2;\nserver {};\n", one.addr, two.addr),
+    )
+    .unwrap();
+    let conf = |api: &std::path::Path| {
+        format!(
+            "stream {{
+  runtime_api unix:{};
+  upstream app {{ zone app 64k; state app.state; }}
+  server {{ listen 127.0.0.1:{port}; proxy_pass app; }}
+}}",
+            api.display()
+        )
+    };
+    let api = dir.path().join("api.sock");
+    let mut lb = start(dir.path(), &conf(&api));
+    wait_for("api socket", Duration::from_secs(5), || api.exists()).await;
+    assert_eq!(
+        server_table(&api).await,
+        [(0, 2, "up".into()), (1, 1, "up".into())]
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(greeting(addr).await.unwrap(), "one");
+
+    let patch = r#"{"weight":3,"drain":true}"#;
+    assert_eq!(
+        http(&api, "PATCH", "/api/upstreams/app/servers/1", patch)
+            .await
+            .0,
+        200
+    );
+    let add = format!(r#"{{"server":"{}","weight":4}}"#, three.addr);
+    assert_eq!(
+        http(&api, "POST", "/api/upstreams/app/servers", &add)
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        http(&api, "DELETE", "/api/upstreams/app/servers/0", "")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        format!(
+            "server {} weight=3 max_fails=1 fail_timeout=10s max_conns=0 drain;\n\
+             server {} weight=4 max_fails=1 fail_timeout=10s max_conns=0;\n",
+            two.addr, three.addr
+        )
+    );
+    let changed = vec![(1, 3, "draining".to_string()), (2, 4, "up".to_string())];
+    assert_eq!(server_table(&api).await, changed);
+    let sessions_on_three = connections(&api, 1).await;
+
+    // A reload reads the file back: same servers, ids, state and counters.
+    lb.reload(config(dir.path(), &conf(&api))).unwrap();
+    assert_eq!(server_table(&api).await, changed);
+    assert_eq!(connections(&api, 1).await, sessions_on_three);
+    for _ in 0..3 {
+        assert_eq!(greeting(addr).await.unwrap(), "three", "two is draining");
+    }
+    let (code, _) = http(
+        &api,
+        "PATCH",
+        "/api/upstreams/app/servers/2",
+        r#"{"down":true}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    drop(lb);
+
+    // A restart too (ids start again from 0, in file order).
+    let api2 = dir.path().join("api2.sock");
+    let _lb = start(dir.path(), &conf(&api2));
+    wait_for("api socket", Duration::from_secs(5), || api2.exists()).await;
+    assert_eq!(
+        server_table(&api2).await,
+        [(0, 3, "draining".into()), (1, 4, "down".into())]
+    );
+    assert!(closed_without_data(&mut tokio::net::TcpStream::connect(addr).await.unwrap()).await);
+}
+
+#[test]
+fn state_file_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |conf: &str, state: &str| {
+        std::fs::write(dir.path().join("app.state"), state).unwrap();
+        let path = dir.path().join("lb.conf");
+        std::fs::write(&path, conf).unwrap();
+        lb::Config::load(&path).unwrap_err().to_string()
+    };
+    let with_state = "stream {\n  upstream app {\n    state app.state;\n  }\n  server { listen 127.0.0.1:1; proxy_pass app; }\n}\n";
+    let both = with_state.replace(
+        "state app.state;",
+        "state app.state;\n    server 127.0.0.1:2;",
+    );
+    let e = load(&both, "");
+    assert!(e.contains("lb.conf:4") && e.contains("\"state\""), "{e}");
+    let e = load(
+        with_state,
+        "server 127.0.0.1:2;\nserver 127.0.0.1:3 weight=0;\n",
+    );
+    assert!(e.contains("app.state:2") && e.contains("weight"), "{e}");
+    let e = load(with_state, "listen 80;\n");
+    assert!(
+        e.contains("app.state:1") && e.contains("only \"server\""),
+        "{e}"
+    );
+    let e = load(with_state, "server 127.0.0.1:2 slow_start=10s;\n");
+    assert!(e.contains("app.state:1") && e.contains("slow_start"), "{e}");
+}

@@ -13,6 +13,7 @@ fn peer(port: u16, weight: u32) -> PeerConf {
         fail_timeout: Duration::from_secs(10),
         backup: false,
         down: false,
+        drain: false,
         max_conns: 0,
     }
 }
@@ -27,6 +28,7 @@ fn upstream(method: Method, servers: Vec<PeerConf>) -> Upstream {
             name: "u".into(),
             method,
             servers,
+            state: None,
             loc,
         },
         None,
@@ -234,6 +236,7 @@ fn reload_keeps_unchanged_peers_with_their_state() {
         name: "u".into(),
         method: Method::LeastConn,
         servers: vec![peer(1, 1), peer(2, 1), peer(3, 2), peer(4, 1)],
+        state: None,
         loc: crate::config::Location {
             file: std::sync::Arc::new("t".into()),
             line: 1,

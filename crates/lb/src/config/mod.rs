@@ -220,6 +220,9 @@ pub struct UpstreamConf {
     pub name: String,
     pub method: Method,
     pub servers: Vec<PeerConf>,
+    /// nginx Plus's `state FILE`: the servers live in this file, which the
+    /// runtime API rewrites on every change.
+    pub state: Option<PathBuf>,
     pub loc: Location,
 }
 
@@ -233,6 +236,8 @@ pub struct PeerConf {
     pub fail_timeout: Duration,
     pub backup: bool,
     pub down: bool,
+    /// nginx Plus's `drain`: no new sessions, open ones go on.
+    pub drain: bool,
     pub max_conns: u32,
 }
 
@@ -693,13 +698,24 @@ impl Builder {
             name: name.clone(),
             method: Method::RoundRobin,
             servers: Vec::new(),
+            state: None,
             loc: d.loc.clone(),
         };
         let mut method_loc: Option<&Directive> = None;
+        let mut server_loc: Option<&Directive> = None;
         for child in block(d)? {
             let method = match child.name.as_str() {
                 "server" => {
                     up.servers.extend(peer(child)?);
+                    server_loc.get_or_insert(child);
+                    continue;
+                }
+                "state" => {
+                    expect_args(child, 1..=1)?;
+                    if up.state.is_some() {
+                        return Err(invalid(child, "\"state\" directive is duplicate"));
+                    }
+                    up.state = Some(relative_to(child, &child.args[0]));
                     continue;
                 }
                 "zone" => {
@@ -759,11 +775,21 @@ impl Builder {
             method_loc = Some(child);
             up.method = method;
         }
-        if up.servers.is_empty() {
-            return Err(invalid(
-                d,
-                format!("no servers are inside upstream \"{name}\""),
-            ));
+        match (&up.state, server_loc) {
+            (Some(_), Some(server)) => {
+                return Err(invalid(
+                    server,
+                    "\"server\" cannot be used in an upstream with \"state\" (the servers live in the state file)",
+                ))
+            }
+            (Some(path), None) => up.servers = read_state(path)?,
+            (None, _) if up.servers.is_empty() => {
+                return Err(invalid(
+                    d,
+                    format!("no servers are inside upstream \"{name}\""),
+                ))
+            }
+            (None, _) => {}
         }
         if !matches!(up.method, Method::RoundRobin | Method::LeastConn)
             && up.servers.iter().any(|s| s.backup)
@@ -861,6 +887,7 @@ impl Builder {
                 .into_iter()
                 .map(|addr| PeerConf::new(target.to_string(), addr))
                 .collect(),
+            state: None,
             loc: d.loc.clone(),
         });
         Ok(self.upstreams.len() - 1)
@@ -933,6 +960,7 @@ impl PeerConf {
             fail_timeout: Duration::from_secs(10),
             backup: false,
             down: false,
+            drain: false,
             max_conns: 0,
         }
     }
@@ -958,6 +986,7 @@ fn peer(d: &Directive) -> Result<Vec<PeerConf>, ConfigError> {
             "max_conns" => template.max_conns = number_arg(d, value)?,
             "backup" if value.is_empty() => template.backup = true,
             "down" if value.is_empty() => template.down = true,
+            "drain" if value.is_empty() => template.drain = true,
             _ => return Err(invalid(d, format!("unsupported server parameter \"{p}\""))),
         }
     }
@@ -968,6 +997,38 @@ fn peer(d: &Directive) -> Result<Vec<PeerConf>, ConfigError> {
             ..template.clone()
         })
         .collect())
+}
+
+/// A path as nginx resolves it here: relative to the file the directive is in.
+fn relative_to(d: &Directive, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    match d.loc.file.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The servers of a `state` file: `server` lines only. A missing file is an
+/// upstream without servers yet (they come through the API).
+fn read_state(path: &Path) -> Result<Vec<PeerConf>, ConfigError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut servers = Vec::new();
+    for d in syntax::parse_file(path)? {
+        if d.name != "server" {
+            return Err(invalid(
+                &d,
+                format!(
+                    "unexpected \"{}\" in a state file (only \"server\" lines)",
+                    d.name
+                ),
+            ));
+        }
+        expect_args(&d, 1..=usize::MAX)?;
+        servers.extend(peer(&d)?);
+    }
+    Ok(servers)
 }
 
 fn listen(d: &Directive) -> Result<ListenConf, ConfigError> {
