@@ -57,53 +57,61 @@ pub struct NetLeasesArgs {
 #[derive(clap::Subcommand)]
 pub enum NetVerb {
     /// List active networks (with --all, every defined one).
-    NetList(NetListArgs),
+    #[command(name = "net-list")]
+    List(NetListArgs),
     /// A network's state, bridge, address and DHCP range.
-    NetInfo(Net),
+    #[command(name = "net-info")]
+    Info(Net),
     /// Print a network's TOML definition.
-    #[command(alias = "net-dumpxml")]
-    NetDumpconfig(Net),
+    #[command(name = "net-dumpconfig", alias = "net-dumpxml")]
+    Dumpconfig(Net),
     /// Define a network from a TOML file.
-    NetDefine(NetDefineArgs),
+    #[command(name = "net-define")]
+    Define(NetDefineArgs),
     /// Remove an inactive network's definition.
-    NetUndefine(Net),
+    #[command(name = "net-undefine")]
+    Undefine(Net),
     /// Start a network: bridge, NAT, DHCP.
-    NetStart(Net),
+    #[command(name = "net-start")]
+    Start(Net),
     /// Stop a network (its bridge, NAT and DHCP go).
-    NetDestroy(Net),
+    #[command(name = "net-destroy")]
+    Destroy(Net),
     /// Start a network when the daemon starts.
-    NetAutostart(NetAutostartArgs),
+    #[command(name = "net-autostart")]
+    Autostart(NetAutostartArgs),
     /// The addresses the network's DHCP server handed out.
-    NetDhcpLeases(NetLeasesArgs),
+    #[command(name = "net-dhcp-leases")]
+    DhcpLeases(NetLeasesArgs),
 }
 
 pub fn run(verb: NetVerb) -> anyhow::Result<()> {
     match verb {
-        NetVerb::NetList(a) => list(&wait(a.connect.client()?.net_list(a.all))?, a.name),
-        NetVerb::NetInfo(n) => info(&wait(n.connect.client()?.net_info(&n.network))?),
-        NetVerb::NetDumpconfig(n) => {
+        NetVerb::List(a) => list(&wait(a.connect.client()?.net_list(a.all))?, a.name),
+        NetVerb::Info(n) => info(&wait(n.connect.client()?.net_info(&n.network))?),
+        NetVerb::Dumpconfig(n) => {
             print!("{}", wait(n.connect.client()?.net_config(&n.network))?)
         }
-        NetVerb::NetDefine(a) => {
+        NetVerb::Define(a) => {
             let text = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;
             let origin = a.file.display().to_string();
             let info = wait(a.connect.client()?.net_define(&text, &origin))?;
             println!("Network {} defined from {origin}", info.name);
         }
-        NetVerb::NetUndefine(n) => {
+        NetVerb::Undefine(n) => {
             wait(n.connect.client()?.net_undefine(&n.network))?;
             println!("Network {} has been undefined", n.network);
         }
-        NetVerb::NetStart(n) => {
+        NetVerb::Start(n) => {
             wait(n.connect.client()?.net_start(&n.network))?;
             println!("Network {} started", n.network);
         }
-        NetVerb::NetDestroy(n) => {
+        NetVerb::Destroy(n) => {
             wait(n.connect.client()?.net_destroy(&n.network))?;
             println!("Network {} destroyed", n.network);
         }
-        NetVerb::NetAutostart(a) => {
+        NetVerb::Autostart(a) => {
             let client = a.net.connect.client()?;
             wait(client.net_autostart(&a.net.network, !a.disable))?;
             match a.disable {
@@ -111,7 +119,7 @@ pub fn run(verb: NetVerb) -> anyhow::Result<()> {
                 true => println!("Network {} unmarked as autostarted", a.net.network),
             }
         }
-        NetVerb::NetDhcpLeases(a) => {
+        NetVerb::DhcpLeases(a) => {
             let mut leases = wait(a.net.connect.client()?.net_leases(&a.net.network))?;
             if let Some(mac) = &a.mac {
                 leases.retain(|l| l.mac.eq_ignore_ascii_case(mac));
