@@ -82,11 +82,11 @@ impl DiskThrottle {
     }
 }
 
-/// A network interface on the daemon's NAT network: `[[nic]]`.
+/// A network interface on one of the daemon's networks: `[[nic]]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
-    /// The network; only the daemon's `default` NAT network exists.
+    /// The network it joins (`default` when unset; see `net-list`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
     /// 52:54:00:xx:xx:xx derived from the domain name when unset.
@@ -245,12 +245,8 @@ impl Disk {
 impl Nic {
     pub fn validate(&self) -> Result<(), DeviceProblem> {
         if let Some(network) = &self.network {
-            if network != "default" {
-                return Err(problem(
-                    "nic.network",
-                    format!("{network:?}: only the daemon's \"default\" NAT network exists"),
-                ));
-            }
+            // Whether it is defined and active is checked at start.
+            crate::netdef::check_name(network).map_err(|reason| problem("nic.network", reason))?;
         }
         if let Some(mac) = &self.mac {
             parse_mac(mac).map_err(|reason| problem("nic.mac", format!("{mac:?}: {reason}")))?;

@@ -212,7 +212,8 @@ impl NetworkDef {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Network names: they become nftables table and file names.
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = (1..=MAX_NAME).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');

@@ -286,7 +286,7 @@ fn device_sections_are_checked_and_round_trip() {
     );
     check("[[disk]]\npath = \"/tmp\"\nsize = 5\n", "", Some(7));
     check("[[nic]]\nmac = \"01:00:5e:00:00:01\"\n", "nic.mac", None);
-    check("[[nic]]\nnetwork = \"elsewhere\"\n", "nic.network", None);
+    check("[[nic]]\nnetwork = \"no where\"\n", "nic.network", None);
     check("max_memory = \"32m\"\n", "max_memory", None);
     check(
         "[resources]\nvcpu_sched = \"idle\"\n",
