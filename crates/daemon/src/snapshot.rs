@@ -3,12 +3,13 @@
 //! would), plus metadata the daemon keeps in `snapshots/DOMAIN/NAME.toml`.
 //!
 //! A running (or paused) domain's snapshot also holds its memory: the VMM
-//! writes the guest's state to `snapshots/DOMAIN/NAME.state` (`migrate` to
-//! `file:`, which pauses the guest) and quits, which flushes and closes its
-//! disks; the disks get their internal snapshots while nobody has them
-//! open (a running VMM caches qcow2 metadata, so changing the image under
-//! it would corrupt it); then a new VMM carries on from that state file.
-//! Disks and memory are of the same instant; the guest sees a pause.
+//! writes the guest's state to `snapshots/DOMAIN/memory/NAME.state`
+//! (`migrate` to `file:`, which pauses the guest) and quits, which flushes
+//! and closes its disks; the disks get their internal snapshots while
+//! nobody has them open (a running VMM caches qcow2 metadata, so changing
+//! the image under it would corrupt it); then a new VMM carries on from
+//! that state file. Disks and memory are of the same instant; the guest
+//! sees a pause.
 
 use std::path::{Path, PathBuf};
 
@@ -64,8 +65,11 @@ impl Manager {
         self.snapshot_dir(domain).join(format!("{name}.toml"))
     }
 
+    /// Apart from the metadata, which the listing reads.
     fn memory_file(&self, domain: &str, name: &str) -> PathBuf {
-        self.snapshot_dir(domain).join(format!("{name}.state"))
+        self.snapshot_dir(domain)
+            .join("memory")
+            .join(format!("{name}.state"))
     }
 
     /// The definition a domain runs with (or would start with), and
@@ -313,9 +317,7 @@ impl Manager {
         let (_, state) = self.current_def(domain)?;
         let pause = match state.is_active() && !info.disks.is_empty() {
             true => {
-                let file = self
-                    .snapshot_dir(domain)
-                    .join(format!(".deleting-{name}.state"));
+                let file = self.memory_file(domain, &format!(".deleting-{name}"));
                 Some(self.pause_to(domain, file).await?)
             }
             false => None,

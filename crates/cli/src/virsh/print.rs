@@ -114,11 +114,21 @@ pub fn sizing(s: &Sizing) {
     );
 }
 
+/// virsh's snapshot-list, with whether the guest's memory is in it.
 pub fn snapshots(list: &[SnapshotInfo]) {
-    println!(" {:<20} {:<26} State", "Name", "Creation Time");
-    println!("{}", "-".repeat(58));
+    println!(
+        " {:<20} {:<26} {:<9} Memory",
+        "Name", "Creation Time", "State"
+    );
+    println!("{}", "-".repeat(66));
     for s in list {
-        println!(" {:<20} {:<26} {}", s.name, utc(s.created_at), s.state);
+        let memory = if s.memory.is_some() { "yes" } else { "no" };
+        println!(
+            " {:<20} {:<26} {:<9} {memory}",
+            s.name,
+            utc(s.created_at),
+            s.state
+        );
     }
 }
 
