@@ -7,9 +7,12 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{oxvirt_bin, Daemon};
 use host::net::{Links, NetNs};
@@ -309,4 +312,130 @@ fn heavy_bad_network_definitions_and_verbs_are_refused() {
     let err = d.fails(&["start", "nic"]);
     assert!(err.contains("oxvirt net-start default"), "{err}");
     d.ok(&["net-start", "default"]);
+}
+
+/// Waits for `pattern` in the domain's console log; returns the log.
+fn wait_console(d: &Daemon, name: &str, pattern: &str) -> String {
+    let log = d.info(name).console_log;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(pattern) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {pattern:?} in {text}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The address after `key=` on the console line starting with `prefix`.
+fn console_value(console: &str, prefix: &str, key: &str) -> String {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {console}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        .to_owned()
+}
+
+/// Sends `data` to the probe's TCP echo server from `ns`; returns the echo
+/// (none for `quit`, which ends the probe).
+fn echo(ns: &NetNs, addr: &str, data: &[u8]) -> Vec<u8> {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    ns.run(|| {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(data).unwrap();
+        let mut back = vec![0u8; if data == b"quit" { 0 } else { data.len() }];
+        s.read_exact(&mut back).unwrap();
+        back
+    })
+    .unwrap()
+}
+
+#[test]
+fn heavy_probe_guests_get_their_addresses_from_our_dhcp_server() {
+    if !common::prerequisites() {
+        return;
+    }
+    let mut nss = Namespaces(Vec::new());
+    let dns = nss.add("daemon");
+    let d = Daemon::start_with(
+        &[
+            "--network-bridge",
+            "oxtvm0",
+            "--network-address",
+            "10.219.0.1/24",
+        ],
+        Some(dns.name()),
+    );
+    let kernel = testkit::probe_kernel_virtio();
+    let define = |name: &str, nic: &str| {
+        let path = d.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nmemory = \"64m\"\nkernel = \"{}\"\ncmdline = \"probe=net probe.ip=dhcp probe.port=7\"\n[[nic]]\n{nic}",
+            kernel.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        d.ok(&["define", path.to_str().unwrap()]);
+    };
+    // One guest on the default network, one with a fixed address on another.
+    define("dyn", "mac = \"52:54:00:00:bb:01\"\n");
+    let lab = d.dir.path().join("vmlab.toml");
+    std::fs::write(
+        &lab,
+        "name = \"vmlab\"\nbridge = \"oxtvml0\"\naddress = \"10.220.0.1/24\"\n[dhcp]\nstart = \"10.220.0.100\"\nend = \"10.220.0.110\"\n[[dhcp.host]]\nmac = \"52:54:00:00:bb:02\"\nip = \"10.220.0.7\"\nname = \"pinned\"\n",
+    )
+    .unwrap();
+    d.ok(&["net-define", lab.to_str().unwrap()]);
+    d.ok(&["net-start", "vmlab"]);
+    define(
+        "fixed",
+        "network = \"vmlab\"\nmac = \"52:54:00:00:bb:02\"\n",
+    );
+    d.ok(&["start", "dyn"]);
+    d.ok(&["start", "fixed"]);
+
+    let console = wait_console(&d, "dyn", "PROBE RESULT net listening");
+    let cidr = console_value(&console, "PROBE RESULT net dhcp", "ip");
+    assert_eq!(
+        console_value(&console, "PROBE RESULT net dhcp", "router"),
+        "10.219.0.1"
+    );
+    let addr = cidr.strip_suffix("/24").unwrap_or_else(|| panic!("{cidr}"));
+    let last: u8 = addr.strip_prefix("10.219.0.").unwrap().parse().unwrap();
+    assert!((2..=254).contains(&last), "{cidr}");
+    let leases = d.ok(&["net-dhcp-leases", "default", "--mac", "52:54:00:00:bb:01"]);
+    assert!(
+        leases.contains(&format!("52:54:00:00:bb:01   ipv4       {cidr}")),
+        "{leases}"
+    );
+    assert_eq!(
+        echo(&dns, &format!("{addr}:7"), b"leased address"),
+        b"leased address"
+    );
+
+    let console = wait_console(&d, "fixed", "PROBE RESULT net listening");
+    assert_eq!(
+        console_value(&console, "PROBE RESULT net dhcp", "ip"),
+        "10.220.0.7/24"
+    );
+    assert!(d
+        .ok(&["net-dhcp-leases", "vmlab"])
+        .contains("10.220.0.7/24        pinned"));
+    assert_eq!(
+        echo(&dns, "10.220.0.7:7", b"fixed address"),
+        b"fixed address"
+    );
+
+    for (name, addr) in [("dyn", addr), ("fixed", "10.220.0.7")] {
+        echo(&dns, &format!("{addr}:7"), b"quit");
+        d.wait_state(name, "shut off", Duration::from_secs(30));
+    }
 }

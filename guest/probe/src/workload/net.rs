@@ -1,10 +1,13 @@
 //! `net`: TCP and UDP echo servers on `probe.port` at `probe.ip`
-//! (A.B.C.D/NN) over a virtio-net device, with smoltcp for TCP/IP. One TCP
+//! (A.B.C.D/NN, or `dhcp`: an address from the network's DHCP server,
+//! renewed while the probe runs) over a virtio-net device, with smoltcp for
+//! TCP/IP. One TCP
 //! connection at a time; it echoes every byte. A connection whose first four
 //! bytes are `quit` ends the run (`PROBE DONE ok`). Every UDP datagram is
 //! sent back to its sender.
 //!
-//! Lines: `PROBE RESULT net listening ip=... port=... mac=...` once the
+//! Lines: `PROBE RESULT net dhcp ip=A.B.C.D/NN router=... dns=...` when a
+//! lease is bound, `PROBE RESULT net listening ip=... port=... mac=...` once the
 //! servers are up, `PROBE RESULT net tcp_bytes=N tcp_connections=C
 //! udp_datagrams=D tx_errors=E` at the end.
 
@@ -17,9 +20,9 @@ use oxvirt_probe::netaddr;
 use oxvirt_probe::{bootinfo::BootInfo, params::Params};
 use smoltcp::iface::{Config, Interface, SocketSet, SocketStorage};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
@@ -38,6 +41,8 @@ const MTU: usize = 1514;
 const TCP_BUF: usize = 64 * 1024;
 const UDP_BUF: usize = 64 * 1024;
 const UDP_PACKETS: usize = 64;
+/// How long `probe.ip=dhcp` waits for its first lease.
+const DHCP_TIMEOUT_S: f64 = 30.0;
 
 type Net = VirtIONetRaw<ProbeHal, MmioTransport<'static>, RX_SLOTS>;
 
@@ -152,10 +157,15 @@ struct Counters {
 
 fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let Some(ip) = params.get("ip") else {
-        return fail!("net: probe.ip=A.B.C.D/NN is missing");
+        return fail!("net: probe.ip=A.B.C.D/NN or probe.ip=dhcp is missing");
     };
-    let cidr =
-        netaddr::parse_cidr(ip).map_err(|why| Fail::new(format_args!("probe.ip={ip}: {why}")))?;
+    let fixed = match ip {
+        "dhcp" => None,
+        _ => Some(
+            netaddr::parse_cidr(ip)
+                .map_err(|why| Fail::new(format_args!("probe.ip={ip}: {why}")))?,
+        ),
+    };
     let port = params.u64("port", 7, 1, 65535)? as u16;
     let clock = Tsc::detect()?;
     virtio::init(boot);
@@ -166,16 +176,31 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let now = || Instant::from_micros((clock.seconds(tsc::now()) * 1e6) as i64);
     let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
     let mut iface = Interface::new(config, &mut device, now());
-    let [a, b, c, d] = cidr.addr;
-    iface.update_ip_addrs(|addrs| {
-        let _ = addrs.push(IpCidr::new(
-            Ipv4Address::new(a, b, c, d).into(),
-            cidr.prefix,
-        ));
-    });
 
-    let mut storage = [SocketStorage::EMPTY; 2];
+    let mut storage = [SocketStorage::EMPTY; 3];
     let mut sockets = SocketSet::new(&mut storage[..]);
+    let dhcp_handle = match fixed {
+        Some(cidr) => {
+            let [a, b, c, d] = cidr.addr;
+            set_address(
+                &mut iface,
+                Ipv4Cidr::new(Ipv4Address::new(a, b, c, d), cidr.prefix),
+            );
+            None
+        }
+        None => {
+            let handle = sockets.add(dhcpv4::Socket::new());
+            let deadline = clock.seconds(tsc::now()) + DHCP_TIMEOUT_S;
+            while iface.ipv4_addr().is_none() {
+                if clock.seconds(tsc::now()) > deadline {
+                    return fail!("net: no DHCP lease within {DHCP_TIMEOUT_S} s");
+                }
+                iface.poll(now(), &mut device, &mut sockets);
+                take_dhcp_event(&mut iface, sockets.get_mut::<dhcpv4::Socket>(handle));
+            }
+            Some(handle)
+        }
+    };
     let mut tcp_socket = tcp::Socket::new(
         tcp::SocketBuffer::new(virtio::alloc(TCP_BUF)?),
         tcp::SocketBuffer::new(virtio::alloc(TCP_BUF)?),
@@ -195,8 +220,11 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
         .map_err(|err| Fail::new(format_args!("net: UDP port {port}: {err}")))?;
     let tcp_handle = sockets.add(tcp_socket);
     let udp_handle = sockets.add(udp_socket);
+    let Some(listening) = iface.ip_addrs().first().copied() else {
+        return fail!("net: the interface has no address");
+    };
     say!(
-        "PROBE RESULT net listening ip={ip} port={port} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "PROBE RESULT net listening ip={listening} port={port} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
 
@@ -205,6 +233,9 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
     let scratch = virtio::alloc(TCP_BUF)?;
     loop {
         iface.poll(now(), &mut device, &mut sockets);
+        if let Some(handle) = dhcp_handle {
+            take_dhcp_event(&mut iface, sockets.get_mut::<dhcpv4::Socket>(handle));
+        }
         let tcp = sockets.get_mut::<tcp::Socket>(tcp_handle);
         if !tcp.is_open() {
             tcp.listen(port)
@@ -238,6 +269,47 @@ fn run(boot: &BootInfo, params: &Params) -> Result<(), Fail> {
         device.tx_errors
     );
     Ok(())
+}
+
+fn set_address(iface: &mut Interface, cidr: Ipv4Cidr) {
+    iface.update_ip_addrs(|addrs| {
+        addrs.clear();
+        let _ = addrs.push(IpCidr::Ipv4(cidr));
+    });
+}
+
+/// Applies a new or lost DHCP lease to the interface (address and default
+/// route) and reports it.
+fn take_dhcp_event(iface: &mut Interface, dhcp: &mut dhcpv4::Socket) {
+    match dhcp.poll() {
+        None => {}
+        Some(dhcpv4::Event::Configured(lease)) => {
+            set_address(iface, lease.address);
+            let routes = iface.routes_mut();
+            routes.remove_default_ipv4_route();
+            if let Some(router) = lease.router {
+                // The table has room for the default route: it was just removed.
+                let _ = routes.add_default_ipv4_route(router);
+            }
+            say!(
+                "PROBE RESULT net dhcp ip={} router={} dns={}",
+                lease.address,
+                lease.router.unwrap_or(Ipv4Address::UNSPECIFIED),
+                lease
+                    .dns_servers
+                    .first()
+                    .copied()
+                    .unwrap_or(Ipv4Address::UNSPECIFIED)
+            );
+        }
+        // The socket also says so once at the start, before any lease.
+        Some(dhcpv4::Event::Deconfigured) if iface.ipv4_addr().is_some() => {
+            iface.update_ip_addrs(|addrs| addrs.clear());
+            iface.routes_mut().remove_default_ipv4_route();
+            say!("PROBE RESULT net dhcp lease lost");
+        }
+        Some(dhcpv4::Event::Deconfigured) => {}
+    }
 }
 
 /// Moves what was received to the send buffer, as much as it has room for.
