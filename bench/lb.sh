@@ -9,6 +9,7 @@
 #   bash bench/lb.sh            # SECS=5 per measurement, ROUNDS=5 short-session rounds
 #   SECS=10 ROUNDS=9 bash bench/lb.sh
 #   OXVIRT=path/to/oxvirt LOAD=path/to/lbload bash bench/lb.sh
+#   EPOLL=1 bash bench/lb.sh    # also oxvirt on tokio's epoll path (OXVIRT_LB_EPOLL=1) in the short-session rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
@@ -113,6 +114,7 @@ CONF
 start_lb() {
     case $1 in
     oxvirt) OXVIRT_LOG=warn taskset -c "$LB_CPU" "$OXVIRT" lb -c "$work/stream/stream.conf" & ;;
+    oxvirt-epoll) OXVIRT_LB_EPOLL=1 OXVIRT_LOG=warn taskset -c "$LB_CPU" "$OXVIRT" lb -c "$work/stream/stream.conf" & ;;
     nginx) taskset -c "$LB_CPU" nginx -p "$work/stream" -c "$work/stream/stream.conf" \
         -g "daemon off; pid $work/stream/nginx.pid; error_log $work/stream/error.log;" & ;;
     haproxy) taskset -c "$LB_CPU" haproxy -db -f "$work/haproxy.cfg" & ;;
@@ -163,8 +165,10 @@ done
 # the three balancers interleaved in each, medians reported (and the median
 # of each round's oxvirt/peer ratio, which cancels slow drifts).
 declare -A S
+SHORT_LBS="oxvirt nginx haproxy"
+[ "${EPOLL:-0}" = 1 ] && SHORT_LBS="$SHORT_LBS oxvirt-epoll"
 for round in $(seq "$ROUNDS"); do
-    for lb in oxvirt nginx haproxy; do
+    for lb in $SHORT_LBS; do
         start_lb "$lb"
         c0=$(cpu_seconds)
         read -r rate failed < <(load conns "127.0.0.1:$WEB" 64 "$SECS")
@@ -178,9 +182,9 @@ for round in $(seq "$ROUNDS"); do
     for peer in nginx haproxy; do
         S[$peer,ratio]+="$(awk -v a="${S[oxvirt,connscpu,$round]}" -v b="${S[$peer,connscpu,$round]}" 'BEGIN { if (b > 0) printf "%.3f", a / b }') "
     done
-    echo "round $round sessions per CPU-second: oxvirt ${S[oxvirt,connscpu,$round]} nginx ${S[nginx,connscpu,$round]} haproxy ${S[haproxy,connscpu,$round]}" >&2
+    echo "round $round sessions per CPU-second: oxvirt ${S[oxvirt,connscpu,$round]} nginx ${S[nginx,connscpu,$round]} haproxy ${S[haproxy,connscpu,$round]}${S[oxvirt-epoll,connscpu,$round]:+ oxvirt-epoll ${S[oxvirt-epoll,connscpu,$round]}}" >&2
 done
-for lb in oxvirt nginx haproxy; do
+for lb in $SHORT_LBS; do
     R[$lb,conns]=$(echo "${S[$lb,conns]}" | median | cut -d. -f1)
     R[$lb,connscpu]=$(echo "${S[$lb,connscpu]}" | median | cut -d. -f1)
     R[$lb,failed]=${S[$lb,failed]}
@@ -202,5 +206,9 @@ printf '%-28s %10s %10s %10s %12s %12s\n' "  median of round ratios" "" "" "" \
     "$(echo "${S[nginx,ratio]}" | median)" "$(echo "${S[haproxy,ratio]}" | median)"
 row "wrk p50 latency ms" p50
 row "wrk p99 latency ms" p99
+if [ "${EPOLL:-0}" = 1 ]; then
+    printf '%-28s %10s %10s %10s %12s %12s\n' "  oxvirt on epoll" "${R[oxvirt-epoll,connscpu]}" "" "" \
+        "$(ratio "${R[oxvirt-epoll,connscpu]}" "${R[nginx,connscpu]}")" "$(ratio "${R[oxvirt-epoll,connscpu]}" "${R[haproxy,connscpu]}")"
+fi
 echo "(latency ratios: below 1.00 means oxvirt is faster; cores: lb=$LB_CPU load+backends=$LOAD_CPU; ${SECS}s each;"
 echo " short sessions: medians of $ROUNDS interleaved rounds)"

@@ -49,7 +49,7 @@ fn server_settings_inherit_from_stream() {
 #[test]
 fn methods_and_peer_parameters() {
     let cfg = load_str(
-        "stream {\n upstream a { hash $remote_addr consistent; server 127.0.0.1:1; server 127.0.0.1:2 down; }\n upstream b { random two least_conn; server 127.0.0.1:1 max_conns=5; }\n upstream c { least_conn; server 127.0.0.1:1; server 127.0.0.1:2 backup; }\n server { listen 127.0.0.1:9; proxy_pass a; }\n}\n",
+        "stream {\n upstream a { hash $remote_addr consistent; server 127.0.0.1:1; server 127.0.0.1:2 down; }\n upstream b { random two least_conn; server 127.0.0.1:1 max_conns=5; }\n upstream c { least_conn; server 127.0.0.1:1 drain; server 127.0.0.1:2 backup; }\n server { listen 127.0.0.1:9; proxy_pass a; }\n}\n",
     )
     .unwrap();
     assert!(matches!(
@@ -69,6 +69,7 @@ fn methods_and_peer_parameters() {
     );
     assert_eq!(cfg.upstreams[1].servers[0].max_conns, 5);
     assert!(cfg.upstreams[2].servers[1].backup);
+    assert!(cfg.upstreams[2].servers[0].drain && !cfg.upstreams[2].servers[1].drain);
 }
 
 #[test]
