@@ -31,12 +31,15 @@ pub struct Args {
     /// Parent cgroup of all domains (default: oxvirt).
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<PathBuf>,
-    /// The bridge of the `default` NAT network NICs join (default: oxvirbr0).
+    /// The bridge of the `default` network when the first start defines it (default: oxvirbr0).
     #[arg(long, value_name = "NAME")]
     network_bridge: Option<String>,
     /// The bridge's address and prefix (default: 192.168.124.1/24).
     #[arg(long, value_name = "CIDR")]
     network_address: Option<String>,
+    /// Do not define the `default` network on the first start.
+    #[arg(long, conflicts_with_all = ["network_bridge", "network_address"])]
+    no_default_network: bool,
     /// Also serve the API on TCP for other hosts, e.g. tcp:0.0.0.0:16509
     /// (no TLS: trusted networks only; every request needs the token).
     #[arg(long, value_name = "tcp:ADDR:PORT")]
@@ -86,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             .parse()
             .with_context(|| format!("--network-address {address}"))?;
     }
+    let network = (!args.no_default_network).then_some(network);
     let remote = match args.listen {
         Some(listen) => Some(RemoteListen {
             addr: daemon::remote::parse_listen(&listen)?,

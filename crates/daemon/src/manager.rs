@@ -34,8 +34,8 @@ pub struct ManagerOptions {
     pub vmm_binary: PathBuf,
     /// `None`: no cgroups (a daemon without root).
     pub cgroups: Option<CgroupPlacement>,
-    /// The `default` NAT network domains' NICs join.
-    pub network: NatConfig,
+    /// The `default` network the first start defines (`None`: none).
+    pub network: Option<NatConfig>,
 }
 
 /// Who asked a running domain to stop, so its exit is not a crash.
@@ -148,7 +148,7 @@ impl Manager {
         }
         let manager = Manager(Arc::new(Inner {
             domains: Mutex::new(load_definitions(&opts.paths)),
-            networks: crate::network::Networks::open(&opts.paths.state_dir, &opts.network),
+            networks: crate::network::Networks::open(&opts.paths.state_dir, opts.network.as_ref()),
             opts,
             lifecycle: tokio::sync::Mutex::new(()),
         }));

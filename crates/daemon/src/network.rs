@@ -218,14 +218,14 @@ pub(crate) struct Networks {
 
 impl Networks {
     /// Opens the daemon's networks. On the first start (no networks
-    /// folder yet) `default` is defined from `default` and marked
-    /// autostart, as libvirt installs its default network (a failure is
-    /// logged: the daemon runs on without it).
-    pub fn open(state_dir: &Path, default: &NatConfig) -> Self {
+    /// folder yet) `default` is defined from `default`, if given, and
+    /// marked autostart, as libvirt installs its default network (a
+    /// failure is logged: the daemon runs on without it).
+    pub fn open(state_dir: &Path, default: Option<&NatConfig>) -> Self {
         let paths = NetPaths {
             dir: networks_dir(state_dir),
         };
-        if !paths.dir.exists() {
+        if let (false, Some(default)) = (paths.dir.exists(), default) {
             if let Err(e) = define_default(&paths, default) {
                 tracing::warn!(error = %e, "cannot define the default network");
             }

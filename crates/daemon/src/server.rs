@@ -41,8 +41,8 @@ pub struct DaemonOptions {
     pub cgroups: bool,
     /// The parent group of all domains (default `oxvirt`).
     pub cgroup_parent: Option<PathBuf>,
-    /// The `default` NAT network's bridge and gateway address.
-    pub network: NatConfig,
+    /// The `default` network the first start defines (`None`: none).
+    pub network: Option<NatConfig>,
     /// The remote API on TCP (`--listen`), if any.
     pub remote: Option<RemoteListen>,
 }

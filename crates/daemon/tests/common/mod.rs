@@ -116,6 +116,9 @@ impl Daemon {
             .arg("--run-dir")
             .arg(self.run_dir())
             .args(["--cgroup-parent", &self.cgroup_parent])
+            // A daemon in the test's own namespace may make bridges there;
+            // in the host's it must not leave a default network behind.
+            .args(self.netns.is_none().then_some("--no-default-network"))
             .args(&self.extra)
             .env("OXVIRT_LOG", "debug")
             .stdin(Stdio::null())
