@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use diskimg::BlockDevice;
+use diskimg::{BlockDevice, IoBuf};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
@@ -11,11 +11,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{
-    self, check_sectors, Parsed, Request, RequestType, DISCARD_SEGMENT_SIZE, SECTOR_SIZE,
+    self, check_sectors, Parsed, Request, RequestType, Segment, DISCARD_SEGMENT_SIZE, SECTOR_SIZE,
 };
 use super::{BlockConfig, BlockCounters, BlockError, BlockStats, CacheMode};
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
@@ -30,10 +31,6 @@ use crate::GuestMemory;
 const MAX_DISCARD_SECTORS: u32 = 0x3f_ffff;
 /// Segments one discard / write-zeroes request may carry.
 const MAX_DISCARD_SEGMENTS: u32 = 32;
-/// Bytes moved between the disk and guest memory per disk call.
-const CHUNK: usize = 1 << 20;
-/// Alignment of the bounce buffer, enough for `O_DIRECT` on any disk.
-const BUFFER_ALIGN: usize = 4096;
 /// Length of the configuration space we fill (up to write_zeroes_may_unmap).
 const CONFIG_LEN: usize = 60;
 
@@ -267,7 +264,6 @@ impl VirtioDevice for Block {
             read_only: self.read_only,
             capacity: self.capacity,
             serial: self.serial_bytes(),
-            buffer: AlignedBuffer::new(CHUNK),
             throttled: false,
         };
         let thread = WorkerThread::spawn(DEVICE, move |stop| worker.run(stop))?;
@@ -280,24 +276,6 @@ impl VirtioDevice for Block {
         lock(&self.shared.read_limiter).clear_retry();
         lock(&self.shared.write_limiter).clear_retry();
         Some(vec![worker.queue])
-    }
-}
-
-/// A heap buffer whose usable part starts at a [`BUFFER_ALIGN`] boundary.
-struct AlignedBuffer {
-    storage: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedBuffer {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + BUFFER_ALIGN];
-        let start = storage.as_ptr().align_offset(BUFFER_ALIGN);
-        AlignedBuffer { storage, start }
-    }
-
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + len]
     }
 }
 
@@ -340,7 +318,6 @@ struct BlockWorker {
     read_only: bool,
     capacity: u64,
     serial: Vec<u8>,
-    buffer: AlignedBuffer,
     /// A request waits for a rate limiter.
     throttled: bool,
 }
@@ -440,70 +417,34 @@ impl BlockWorker {
         result.unwrap_or_else(Completion::status)
     }
 
+    /// Reads straight into the guest's buffers (no bounce buffer where
+    /// the image format allows, see `BlockDevice::read_vectored_at`).
     fn read(&mut self, req: &Request) -> Result<Completion, u32> {
         let start = Instant::now();
+        let (disk, offset) = (&self.disk, req.sector * SECTOR_SIZE);
+        with_guest_bufs(&self.mem, &req.data, true, |bufs| {
+            disk.read_vectored_at(bufs, offset)
+        })
+        .map_err(|e| io_error("read into guest memory", &e))?
+        .map_err(|e| io_error("read", &e))?;
         let total = req.data_len();
-        let mut disk_offset = req.sector * SECTOR_SIZE;
-        let mut filled = 0usize; // bytes of the buffer still to hand out
-        let mut pos = 0usize;
-        for seg in &req.data {
-            let mut done = 0u32;
-            while done < seg.len {
-                if pos == filled {
-                    let n = (CHUNK as u64).min(total - (disk_offset - req.sector * SECTOR_SIZE))
-                        as usize;
-                    self.disk
-                        .read_at(self.buffer.get(n), disk_offset)
-                        .map_err(|e| io_error("read", &e))?;
-                    disk_offset += n as u64;
-                    filled = n;
-                    pos = 0;
-                }
-                let n = ((seg.len - done) as usize).min(filled - pos);
-                let dst = seg.addr.unchecked_add(u64::from(done));
-                self.mem
-                    .write_slice(&self.buffer.get(filled)[pos..pos + n], dst)
-                    .map_err(|e| io_error("read into guest memory", &e))?;
-                pos += n;
-                done += n as u32;
-            }
-        }
         self.shared.counters.read_done(total, elapsed_ns(start));
         Ok(Completion::ok(total as u32))
     }
 
+    /// Writes straight from the guest's buffers.
     fn write(&mut self, req: &Request) -> Result<Completion, u32> {
         if self.read_only {
             tracing::debug!("virtio-blk: write to a read-only disk refused");
             return Err(VIRTIO_BLK_S_IOERR);
         }
         let start = Instant::now();
-        let mut disk_offset = req.sector * SECTOR_SIZE;
-        let mut fill = 0usize;
-        for seg in &req.data {
-            let mut done = 0u32;
-            while done < seg.len {
-                let n = ((seg.len - done) as usize).min(CHUNK - fill);
-                let src = seg.addr.unchecked_add(u64::from(done));
-                self.mem
-                    .read_slice(&mut self.buffer.get(CHUNK)[fill..fill + n], src)
-                    .map_err(|e| io_error("write from guest memory", &e))?;
-                fill += n;
-                done += n as u32;
-                if fill == CHUNK {
-                    self.disk
-                        .write_at(self.buffer.get(fill), disk_offset)
-                        .map_err(|e| io_error("write", &e))?;
-                    disk_offset += fill as u64;
-                    fill = 0;
-                }
-            }
-        }
-        if fill > 0 {
-            self.disk
-                .write_at(self.buffer.get(fill), disk_offset)
-                .map_err(|e| io_error("write", &e))?;
-        }
+        let (disk, offset) = (&self.disk, req.sector * SECTOR_SIZE);
+        with_guest_bufs(&self.mem, &req.data, false, |bufs| {
+            disk.write_vectored_at(bufs, offset)
+        })
+        .map_err(|e| io_error("write from guest memory", &e))?
+        .map_err(|e| io_error("write", &e))?;
         if self.cache == CacheMode::Writethrough {
             self.disk
                 .flush()
@@ -638,6 +579,43 @@ impl QueueServer for BlockWorker {
     fn throttled(&self) -> bool {
         self.throttled
     }
+}
+
+/// Runs `io` on the guest buffers `data` as diskimg [`IoBuf`]s; if
+/// `device_writes`, marks their pages dirty in the memory's bitmap (what
+/// vm-memory's own writes do) for migration, whatever `io` returned.
+fn with_guest_bufs<T>(
+    mem: &GuestMemory,
+    data: &[Segment],
+    device_writes: bool,
+    io: impl FnOnce(&[IoBuf<'_>]) -> T,
+) -> Result<T, GuestMemoryError> {
+    let mut slices = Vec::with_capacity(data.len());
+    for seg in data {
+        // A buffer may span memory regions: one slice per region.
+        for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+            slices.push(slice?);
+        }
+    }
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let bufs: Vec<IoBuf<'_>> = guards
+        .iter()
+        // SAFETY: each guard's range is a mapped, writable guest memory
+        // slice (`get_slices` checked it lies in guest memory), and `mem`
+        // and the guards outlive `bufs`. The guest may change these bytes
+        // while the disk I/O runs; diskimg only passes them to preadv /
+        // pwritev or copies them with raw pointer copies (as vm-memory's
+        // own copies do), never through a Rust reference, so a racing guest
+        // sees or leaves unspecified bytes in its own buffer, nothing worse.
+        .map(|g| unsafe { IoBuf::new(g.as_ptr(), g.len()) })
+        .collect();
+    let out = io(&bufs);
+    if device_writes {
+        for s in &slices {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+    Ok(out)
 }
 
 fn io_error(what: &str, e: &dyn std::fmt::Display) -> u32 {
