@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use devices::rate_limiter::{BucketConfig, LimiterConfig};
-use devices::virtio::net::{MacAddr, Net, NetConfig, NetState, Tap};
+use devices::virtio::net::{MacAddr, Net, NetConfig, NetState, Tap, TapConfig};
 use devices::virtio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -56,6 +56,13 @@ fn prerequisites() -> bool {
         )
 }
 
+fn open_tap(name: &str) -> Result<Tap, host::net::NetError> {
+    Tap::create(&TapConfig {
+        name,
+        ..TapConfig::default()
+    })
+}
+
 /// Creates a namespace and a tap whose host end sits in it, addressed
 /// 10.77.0.1/24, with the guest's MAC as a static neighbour.
 fn tap_in_namespace(tag: &str) -> (Netns, Tap) {
@@ -63,7 +70,7 @@ fn tap_in_namespace(tag: &str) -> (Netns, Tap) {
     let ns = Netns(format!("oxvirt-virtio-{suffix}"));
     let name = format!("oxvt{suffix}");
     ip(&["netns", "add", &ns.0]);
-    let tap = Tap::open(&name).expect("open tap");
+    let tap = open_tap(&name).expect("open tap");
     ip(&["link", "set", &name, "netns", &ns.0]);
     // No IPv6 link-local address: fewer unsolicited frames from the host.
     ip(&["-n", &ns.0, "link", "set", &name, "addrgenmode", "none"]);
@@ -219,8 +226,8 @@ fn mac_addresses_parse_and_print() {
         let err = bad.parse::<MacAddr>().unwrap_err();
         assert!(err.to_string().contains(bad), "{err}");
     }
-    assert!(Tap::open("a/b").unwrap_err().to_string().contains("a/b"));
-    assert!(Tap::open("this-name-is-too-long").is_err());
+    assert!(open_tap("a/b").unwrap_err().to_string().contains("a/b"));
+    assert!(open_tap("this-name-is-too-long").is_err());
 }
 
 #[test]

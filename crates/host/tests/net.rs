@@ -87,7 +87,7 @@ fn tap_in_a_namespace_answers_arp_through_its_file() {
     up_with_address(&links, tap.name(), "10.77.0.1/24");
 
     let frame = arp_request([2, 0, 0, 0, 0, 2], [10, 77, 0, 2], [10, 77, 0, 1]);
-    let mut packet = vec![0u8; host::net::VNET_HDR_SIZE as usize];
+    let mut packet = vec![0u8; host::net::VNET_HDR_LEN];
     packet.extend_from_slice(&frame);
     let mut file = tap.file();
     file.write_all(&packet).unwrap();
@@ -123,7 +123,7 @@ fn read_frame_until(tap: &Tap, timeout: Duration, want: impl Fn(&[u8]) -> bool) 
     tap.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 65536];
-    let hdr = host::net::VNET_HDR_SIZE as usize;
+    let hdr = host::net::VNET_HDR_LEN;
     while Instant::now() < deadline {
         let mut file = tap.file();
         match file.read(&mut buf) {

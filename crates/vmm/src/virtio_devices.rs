@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::rate_limiter::LimiterConfig;
 use devices::virtio::block::{Block, BlockError, BlockHandle, CacheMode};
-use devices::virtio::net::{Net, NetError, NetHandle, Tap};
+use devices::virtio::net::{Net, NetError, NetHandle, Tap, TapConfig};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::{MmioState, MmioTransport, TransportError, VirtioDevice};
 use devices::GuestMemory;
@@ -123,7 +123,11 @@ impl VirtioDevices {
                 id: config.id.clone(),
                 source,
             };
-            let tap = Tap::open(&config.tap).map_err(net_err)?;
+            let tap = Tap::create(&TapConfig {
+                name: &config.tap,
+                ..TapConfig::default()
+            })
+            .map_err(|e| net_err(e.into()))?;
             let net = Net::new(tap, config.net.clone()).map_err(net_err)?;
             let handle = net.handle();
             let transport = manager.add_virtio(vm, mem, net)?;

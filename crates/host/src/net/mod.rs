@@ -19,7 +19,7 @@ pub use addr::Ipv4Cidr;
 pub use link::{LinkInfo, Links};
 pub use nat::{set_ipv4_forwarding, Nat, NatConfig, NatNetwork};
 pub use netns::NetNs;
-pub use tap::{Tap, TapConfig, VNET_HDR_SIZE};
+pub use tap::{Tap, TapConfig, VNET_HDR_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

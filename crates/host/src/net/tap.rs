@@ -1,8 +1,10 @@
-//! Tap devices on `/dev/net/tun`: the VMM reads and writes the guest's
-//! Ethernet frames on the returned file.
+//! Tap devices on `/dev/net/tun`: the one tap type of the project. The
+//! manager creates persistent taps with it and attaches them to bridges;
+//! virtio-net (`devices`) reads and writes the guest's Ethernet frames on it.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::link::validate_ifname;
@@ -10,7 +12,7 @@ use super::{NetError, NetNs};
 
 /// The virtio-net header a modern (VERSION_1) device puts before each
 /// frame: `virtio_net_hdr_v1`, with `num_buffers`.
-pub const VNET_HDR_SIZE: i32 = 12;
+pub const VNET_HDR_LEN: usize = 12;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -65,7 +67,7 @@ impl Tap {
             Some(ns) => ns.run(|| Self::create_here(config))??,
             None => Self::create_here(config)?,
         };
-        tracing::info!(tap = %tap.name, persistent = config.persistent, "created tap");
+        tracing::info!(tap = %tap.name, persistent = config.persistent, "opened tap");
         Ok(tap)
     }
 
@@ -112,8 +114,19 @@ impl Tap {
             tap.ioctl_value(libc::TUNSETPERSIST, 1, "TUNSETPERSIST")?;
         }
         if config.vnet_hdr {
-            tap.set_vnet_hdr_size(VNET_HDR_SIZE)?;
+            tap.set_vnet_hdr_size(VNET_HDR_LEN)?;
         }
+        Ok(tap)
+    }
+
+    /// Wraps a tap someone else opened with IFF_VNET_HDR (a manager passing
+    /// fds) and sets the modern header size on it.
+    pub fn from_fd(fd: OwnedFd, name: &str) -> Result<Tap, NetError> {
+        let tap = Tap {
+            file: File::from(fd),
+            name: name.to_owned(),
+        };
+        tap.set_vnet_hdr_size(VNET_HDR_LEN)?;
         Ok(tap)
     }
 
@@ -128,6 +141,17 @@ impl Tap {
 
     pub fn into_file(self) -> File {
         self.file
+    }
+
+    /// Reads one frame, virtio-net header first; `WouldBlock` when none is
+    /// queued on a non-blocking tap.
+    pub fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one frame, virtio-net header first.
+    pub fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        (&self.file).write(frame)
     }
 
     /// Makes reads and writes return `WouldBlock` instead of waiting (for
@@ -152,7 +176,8 @@ impl Tap {
 
     /// Sets the virtio-net header length (10 for legacy devices, 12 for
     /// modern ones).
-    pub fn set_vnet_hdr_size(&self, size: i32) -> Result<(), NetError> {
+    pub fn set_vnet_hdr_size(&self, size: usize) -> Result<(), NetError> {
+        let size = size as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
         // points at `size` for the duration of the call.
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) };
@@ -190,5 +215,17 @@ impl Tap {
             });
         }
         Ok(())
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }

@@ -15,8 +15,8 @@ use vm_memory::{Bytes, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::tap::{Tap, VNET_HDR_LEN};
 use super::{NetConfig, NetError};
+use super::{Tap, VNET_HDR_LEN};
 use crate::rate_limiter::{epoll_timeout, LimiterConfig, RateLimiter};
 use crate::virtio::worker::{drain, EventLoop, WorkerThread};
 use crate::virtio::{
@@ -125,11 +125,15 @@ pub struct Net {
 }
 
 impl Net {
+    /// A device over `tap`, which must carry the 12-byte virtio-net
+    /// header (IFF_VNET_HDR, as `Tap::create` and `Tap::from_fd` set up);
+    /// the worker's event loop needs it non-blocking, which is set here.
     pub fn new(tap: Tap, config: NetConfig) -> Result<Self, NetError> {
         let qs = config.queue_size;
         if !qs.is_power_of_two() || !(2..=32768).contains(&qs) {
             return Err(NetError::QueueSize(qs));
         }
+        tap.set_nonblocking(true)?;
         let shared = Arc::new(Shared {
             rx_limiter: Mutex::new(RateLimiter::new(config.rx_limit)?),
             tx_limiter: Mutex::new(RateLimiter::new(config.tx_limit)?),

@@ -2,29 +2,23 @@
 
 mod device;
 mod persist;
-mod tap;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use device::{Net, NetHandle, NetStats};
+/// The tap type is host's, shared with the manager's network code.
+pub use host::net::{Tap, TapConfig, VNET_HDR_LEN};
 pub use persist::{NetState, NET_STATE_VERSION};
 use serde::{Deserialize, Serialize};
-pub use tap::{Tap, VNET_HDR_LEN};
 
 use crate::rate_limiter::{self, LimiterConfig};
 
 /// Errors creating or restoring a virtio-net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("tap {name:?}: {what}: {source}")]
-    Tap {
-        name: String,
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("tap name {0:?} must be 1 to 15 bytes without '/'")]
-    TapName(String),
+    #[error(transparent)]
+    Tap(#[from] host::net::NetError),
     #[error("MAC address {0:?}: expected six hex bytes separated by ':'")]
     Mac(String),
     #[error("virtio-net: queue size {0} is not a power of two between 2 and 32768")]
