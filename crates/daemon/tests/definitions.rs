@@ -27,7 +27,7 @@ async fn manager(dir: &Path) -> Manager {
         paths: Paths::under(dir),
         vmm_binary: PathBuf::from("/nonexistent/oxvirt"),
         cgroups: None,
-        network: daemon::server::default_network(),
+        network: None,
     })
     .await
     .unwrap()
