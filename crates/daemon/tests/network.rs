@@ -147,6 +147,7 @@ fn heavy_default_network_and_a_defined_one_lease_addresses_to_udhcpc() {
         "Address:        10.214.0.1/24",
         "DHCP range:     10.214.0.2 - 10.214.0.254",
         "DHCP server:    running",
+        "Forward:        nat",
     ] {
         assert!(info.contains(want), "{want} in {info}");
     }

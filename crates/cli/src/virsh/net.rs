@@ -168,7 +168,7 @@ fn info(i: &NetworkInfo) {
     println!("{:<16}{}", "Autostart:", yes_no(i.autostart));
     println!("{:<16}{}", "Bridge:", i.bridge);
     println!("{:<16}{}", "Address:", i.address);
-    println!("{:<16}{:?}", "Forward:", i.forward);
+    println!("{:<16}{}", "Forward:", i.forward);
     match i.dhcp_range {
         Some((start, end)) => println!("{:<16}{start} - {end}", "DHCP range:"),
         None => println!("{:<16}none", "DHCP range:"),

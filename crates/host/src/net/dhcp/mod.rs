@@ -32,6 +32,9 @@ const SERVER_PORT: u16 = 67;
 const CLIENT_PORT: u16 = 68;
 /// How often the serving thread looks at its stop flag.
 const POLL: Duration = Duration::from_millis(200);
+/// At most one warning per this long about dropped messages, so a guest
+/// sending garbage cannot flood the log.
+const DROP_WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
@@ -232,6 +235,30 @@ impl Drop for DhcpServer {
     }
 }
 
+/// Logs dropped messages: a warning now and then, the rest at debug level.
+#[derive(Default)]
+struct DropLog {
+    last_warning: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl DropLog {
+    fn dropped(&mut self, from: std::net::SocketAddr, len: usize, error: &DhcpError) {
+        let due = self
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= DROP_WARN_EVERY);
+        if due {
+            let suppressed = self.since;
+            tracing::warn!(%from, len, %error, suppressed, "dropping a DHCP message");
+            self.last_warning = Some(std::time::Instant::now());
+            self.since = 0;
+        } else {
+            tracing::debug!(%from, len, %error, "dropping a DHCP message");
+            self.since += 1;
+        }
+    }
+}
+
 /// UDP port 67 on `interface` only, allowed to broadcast. Binding to the
 /// device first lets servers for several bridges share the port.
 fn open_socket(interface: &str) -> Result<UdpSocket, DhcpError> {
@@ -260,6 +287,7 @@ fn open_socket(interface: &str) -> Result<UdpSocket, DhcpError> {
 
 fn serve(socket: &UdpSocket, responder: &Mutex<Responder>, stop: &AtomicBool) {
     let mut buf = [0u8; 1500];
+    let mut drops = DropLog::default();
     while !stop.load(Ordering::Relaxed) {
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
@@ -280,7 +308,7 @@ fn serve(socket: &UdpSocket, responder: &Mutex<Responder>, stop: &AtomicBool) {
         let request = match Packet::decode(&buf[..len]) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(%from, len, error = %e, "dropping a DHCP message");
+                drops.dropped(from, len, &e);
                 continue;
             }
         };
