@@ -179,7 +179,7 @@ fn heavy_default_network_and_a_defined_one_lease_addresses_to_udhcpc() {
     // A network of our own, with a fixed address for one MAC.
     let lab = work.join("lab.toml");
     std::fs::write(&lab, LAB).unwrap();
-    let out = d.ok(&["net-define", lab.to_str().unwrap()]);
+    let out = d.ok(&["net-define", "--file", lab.to_str().unwrap()]);
     assert!(out.contains("Network lab defined"), "{out}");
     assert_eq!(
         d.ok(&["net-dumpxml", "lab"]),
@@ -224,7 +224,8 @@ fn heavy_default_network_and_a_defined_one_lease_addresses_to_udhcpc() {
     let again = udhcpc(&c1, "dc1", &work, &[]);
     assert_eq!(again["ip"], addr, "the same client gets its address back");
 
-    let out = d.ok(&["net-autostart", "lab"]);
+    // virsh's spelling: net-autostart --network NET.
+    let out = d.ok(&["net-autostart", "--network", "lab"]);
     assert!(out.contains("marked as autostarted"), "{out}");
     assert!(d.ok(&["net-info", "lab"]).contains("Autostart:      yes"));
     d.ok(&["net-autostart", "lab", "--disable"]);
@@ -290,6 +291,9 @@ fn heavy_bad_network_definitions_and_verbs_are_refused() {
     assert!(d
         .fails(&["net-start", "default"])
         .contains("is active: cannot start"));
+    assert!(d.fails(&["net-info"]).contains("required"));
+    let both = d.fails(&["net-info", "a", "--network", "b"]);
+    assert!(both.contains("cannot be used with"), "{both}");
     assert!(d
         .fails(&["net-undefine", "default"])
         .contains("net-destroy it first"));

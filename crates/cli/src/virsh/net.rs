@@ -8,12 +8,30 @@ use daemon::network::{LeaseInfo, NetworkInfo, NetworkSummary};
 
 use super::{wait, Connect};
 
+/// The network a verb acts on: `NET` or virsh's `--network NET`.
 #[derive(clap::Args)]
 pub struct Net {
     #[command(flatten)]
     connect: Connect,
     /// Network name.
-    network: String,
+    #[arg(
+        required_unless_present = "network_flag",
+        conflicts_with = "network_flag"
+    )]
+    network: Option<String>,
+    /// Network name (virsh's spelling).
+    #[arg(long = "network", id = "network_flag", value_name = "NETWORK")]
+    network_flag: Option<String>,
+}
+
+impl Net {
+    fn name(&self) -> &str {
+        // clap makes sure one of the two is there.
+        self.network
+            .as_deref()
+            .or(self.network_flag.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(clap::Args)]
@@ -33,7 +51,11 @@ pub struct NetDefineArgs {
     #[command(flatten)]
     connect: Connect,
     /// The network's TOML definition.
-    file: PathBuf,
+    #[arg(required_unless_present = "file_flag", conflicts_with = "file_flag")]
+    file: Option<PathBuf>,
+    /// The definition (virsh's spelling).
+    #[arg(long = "file", id = "file_flag", value_name = "FILE")]
+    file_flag: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -88,39 +110,40 @@ pub enum NetVerb {
 pub fn run(verb: NetVerb) -> anyhow::Result<()> {
     match verb {
         NetVerb::List(a) => list(&wait(a.connect.client()?.net_list(a.all))?, a.name),
-        NetVerb::Info(n) => info(&wait(n.connect.client()?.net_info(&n.network))?),
+        NetVerb::Info(n) => info(&wait(n.connect.client()?.net_info(n.name()))?),
         NetVerb::Dumpconfig(n) => {
-            print!("{}", wait(n.connect.client()?.net_config(&n.network))?)
+            print!("{}", wait(n.connect.client()?.net_config(n.name()))?)
         }
         NetVerb::Define(a) => {
-            let text = std::fs::read_to_string(&a.file)
-                .with_context(|| format!("reading {}", a.file.display()))?;
-            let origin = a.file.display().to_string();
+            let file = a.file.or(a.file_flag).unwrap_or_default();
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let origin = file.display().to_string();
             let info = wait(a.connect.client()?.net_define(&text, &origin))?;
             println!("Network {} defined from {origin}", info.name);
         }
         NetVerb::Undefine(n) => {
-            wait(n.connect.client()?.net_undefine(&n.network))?;
-            println!("Network {} has been undefined", n.network);
+            wait(n.connect.client()?.net_undefine(n.name()))?;
+            println!("Network {} has been undefined", n.name());
         }
         NetVerb::Start(n) => {
-            wait(n.connect.client()?.net_start(&n.network))?;
-            println!("Network {} started", n.network);
+            wait(n.connect.client()?.net_start(n.name()))?;
+            println!("Network {} started", n.name());
         }
         NetVerb::Destroy(n) => {
-            wait(n.connect.client()?.net_destroy(&n.network))?;
-            println!("Network {} destroyed", n.network);
+            wait(n.connect.client()?.net_destroy(n.name()))?;
+            println!("Network {} destroyed", n.name());
         }
         NetVerb::Autostart(a) => {
             let client = a.net.connect.client()?;
-            wait(client.net_autostart(&a.net.network, !a.disable))?;
+            wait(client.net_autostart(a.net.name(), !a.disable))?;
             match a.disable {
-                false => println!("Network {} marked as autostarted", a.net.network),
-                true => println!("Network {} unmarked as autostarted", a.net.network),
+                false => println!("Network {} marked as autostarted", a.net.name()),
+                true => println!("Network {} unmarked as autostarted", a.net.name()),
             }
         }
         NetVerb::DhcpLeases(a) => {
-            let mut leases = wait(a.net.connect.client()?.net_leases(&a.net.network))?;
+            let mut leases = wait(a.net.connect.client()?.net_leases(a.net.name()))?;
             if let Some(mac) = &a.mac {
                 leases.retain(|l| l.mac.eq_ignore_ascii_case(mac));
             }
