@@ -522,7 +522,11 @@ impl<'a> Engine<'a> {
         let pages = self.batches[channel].pages() as u64;
         let payload = self.batches[channel].take();
         let bytes = match &self.channels {
-            PageChannels::Main => self.main.section(SectionKind::Ram, &payload)?,
+            PageChannels::Main => {
+                let size = self.main.section(SectionKind::Ram, &payload)?;
+                self.batches[channel].recycle(payload);
+                size
+            }
             PageChannels::Multifd(c) => {
                 let size = payload.len() as u64 + 9;
                 if c[channel].tx.send(payload).is_err() {

@@ -347,6 +347,8 @@ pub struct RamBatch {
 
 /// A batch is sent when its payload reaches this size.
 pub const BATCH_BYTES: usize = 256 << 10;
+/// Room for a batch and the record that makes it full.
+const BATCH_CAPACITY: usize = BATCH_BYTES + 16 + PAGE_SIZE;
 
 impl RamBatch {
     /// Adds a page with data (a zero page: [`RamBatch::push_zero`]).
@@ -435,7 +437,16 @@ impl RamBatch {
     pub fn take(&mut self) -> Vec<u8> {
         self.pages = 0;
         self.zero_run = None;
-        std::mem::take(&mut self.buf)
+        std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_CAPACITY))
+    }
+
+    /// Gives a payload back once it is written, so that the next batch
+    /// reuses its memory instead of growing a new one.
+    pub fn recycle(&mut self, mut payload: Vec<u8>) {
+        if self.buf.is_empty() && payload.capacity() >= BATCH_CAPACITY {
+            payload.clear();
+            self.buf = payload;
+        }
     }
 }
 
