@@ -4,6 +4,8 @@
 # on this machine at several dirty rates and downtime limits; prints
 # total-time, downtime and ram.transferred of each and the oxvirt/QEMU ratios.
 # Usage: bash bench/migrate.sh [guest MiB] [working set MiB] [max-bandwidth B/s]
+# Environment: ROWS (see below), MULTIFD (multifd channel counts, "" skips
+# the multifd rows), LOGDIR (keep each VMM's stderr there).
 # (needs KVM and .peer/qemu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,23 +82,40 @@ def wait_for(tag, pattern, timeout):
 def rates(text):
     return [float(x) for x in re.findall(r"PROBE RESULT mem pass=\d+ .*?dirty_mib_s=([\d.]+) verify=", text)]
 
-def migrate(tool, rate, limit):
+def migrate(tool, rate, limit, channels=0, max_bw=None):
+    """One migration; channels > 0: multifd with that many page connections."""
     mk = oxvirt if tool == "oxvirt" else qemu
-    tag = f"{tool}-{rate}-{limit}"
+    tag = f"{tool}-{rate}-{limit}-{channels}"
     api, mig = f"{W}/{tag}.api", f"unix:{W}/{tag}.mig"
+    params = {"downtime-limit": limit, "max-bandwidth": max_bw or int(env["MAX_BW"])}
+    caps = []
+    if channels:
+        params["multifd-channels"] = channels
+        caps = [{"capability": "multifd", "state": True}]
+    # QEMU's destination must enable multifd before it listens: -incoming defer.
+    defer = tool == "qemu" and channels
+    dst_api = f"{W}/{tag}-dst.api"
     logs = env.get("LOGDIR") or W
     src = subprocess.Popen(mk(rate, tag + "-src", api=api), stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=open(f"{logs}/{tag}-src.log", "w"))
-    dst = subprocess.Popen(mk(rate, tag + "-dst", incoming=mig), stdin=subprocess.DEVNULL,
+    dst_cmd = (mk(rate, tag + "-dst", api=dst_api, incoming="defer") if defer
+               else mk(rate, tag + "-dst", incoming=mig))
+    dst = subprocess.Popen(dst_cmd, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=open(f"{logs}/{tag}-dst.log", "w"))
     try:
+        if defer:
+            d = Qmp(dst_api)
+            d.ok("migrate-set-capabilities", capabilities=caps)
+            d.ok("migrate-set-parameters", **{"multifd-channels": channels})
+            d.ok("migrate-incoming", uri=mig)
         if not wait_for(tag + "-src", r"fill_mib", 120):
             raise SystemExit(f"{tag}: the source never filled its memory: {console(tag + '-src')[-500:]}")
         if rate > 1:  # a pass at full rate before migrating: the rate it reaches unhindered
             wait_for(tag + "-src", r"pass=1 ", int(env["WORK_MIB"]) / rate * 3 + 10)
         before = len(console(tag + "-src"))
         q = Qmp(api)
-        q.ok("migrate-set-parameters", **{"downtime-limit": limit, "max-bandwidth": int(env["MAX_BW"])})
+        if caps: q.ok("migrate-set-capabilities", capabilities=caps)
+        q.ok("migrate-set-parameters", **params)
         q.ok("migrate", uri=mig)
         t0 = time.monotonic()
         while True:
@@ -135,9 +154,9 @@ print("dirty: requested MiB/s; achieved = last pass before / slowest pass during
 hdr = (f"{'dirty':>5} {'limit':>5} {'tool':7} {'status':10} {'total ms':>9} {'down ms':>8} "
        f"{'MiB sent':>9} {'achieved':>9} {'verify':>6}")
 print(hdr)
-# ROWS="200:300 50:30" runs only those (dirty rate:downtime limit) rows.
-rows = [tuple(map(int, r.split(":"))) for r in env.get("ROWS", "").split()] or \
-    [(rate, limit) for rate in (0, 50, 200) for limit in (30, 300)]
+# ROWS="200:300 50:30" runs only those (dirty rate:downtime limit) rows, ROWS="" none.
+rows = ([tuple(map(int, r.split(":"))) for r in env["ROWS"].split()] if "ROWS" in env
+        else [(rate, limit) for rate in (0, 50, 200) for limit in (30, 300)])
 for rate, limit in rows:
     results = {t: migrate(t, rate, limit) for t in ("oxvirt", "qemu")}
     for tool, r in results.items():
@@ -149,4 +168,26 @@ for rate, limit in rows:
     if o["status"] == q["status"] == "completed":
         print(f"{'':5} {'':5} {'ratio':7} {'':10} {ratio(o['total'], q['total']):>9} "
               f"{ratio(o['down'], q['down']):>8} {ratio(o['bytes'], q['bytes']):>9}", flush=True)
+
+# multifd: the same guest (200 MiB/s, 300 ms) with bandwidth unlimited, over
+# one connection and with multifd page connections; throughput is
+# ram.transferred / total-time. MULTIFD="" skips it, MULTIFD="2 4" picks.
+counts = [int(c) for c in env.get("MULTIFD", "2").split()]
+if counts:
+    big = 64 << 30
+    print(f"\nmultifd: dirty 200 MiB/s, downtime-limit 300 ms, max-bandwidth {big >> 30} GiB/s")
+    print(f"{'tool':7} {'channels':>8} {'status':10} {'total ms':>9} {'down ms':>8} {'MiB sent':>9} "
+          f"{'MiB/s':>7} {'vs 1':>5} {'verify':>6}")
+    for tool in ("oxvirt", "qemu"):
+        single = None
+        for channels in [0] + counts:
+            r = migrate(tool, 200, 300, channels, big)
+            name = "1 conn" if channels == 0 else f"{channels}"
+            if r["status"] != "completed":
+                print(f"{tool:7} {name:>8} {r['status']}"); continue
+            mib_s = r["bytes"] / 2**20 / max(r["total"], 1) * 1000
+            if channels == 0: single = mib_s
+            print(f"{tool:7} {name:>8} {r['status']:10} {r['total']:9} {r['down']:8} "
+                  f"{r['bytes'] / 2**20:9.1f} {mib_s:7.0f} {ratio(mib_s, single):>5} "
+                  f"{str(r['verified']):>6}", flush=True)
 PY
