@@ -47,6 +47,12 @@ pub struct Args {
     /// The remote API's secret, made by the admin, mode 0600 (default: STATE/remote.token).
     #[arg(long, value_name = "FILE", requires = "listen")]
     token_file: Option<PathBuf>,
+    /// Serve --listen inside TLS with this certificate chain (PEM); clients use oxvirt+tls://.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
@@ -97,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 Some(file) => std::path::absolute(file).context("token file")?,
                 None => RemoteListen::default_token_file(&paths),
             },
+            tls: args.tls_cert.zip(args.tls_key),
         }),
         None => None,
     };

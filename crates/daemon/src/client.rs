@@ -20,7 +20,7 @@ use crate::blkio::{BlkioTune, BlockStats, InterfaceStats};
 use crate::devices::DiskThrottle;
 use crate::manager::{DomainInfo, DomainSummary, StateInfo};
 use crate::migrate::{Incoming, MigrateParameters, MigrateRequest};
-use crate::remote::{ConnectUri, Token};
+use crate::remote::{tls_connector, ConnectUri, RemoteError, Token};
 use crate::settings::{Modify, Sizing, VcpuPin};
 use crate::snapshot::SnapshotInfo;
 use crate::tune::{MemTune, SchedInfo};
@@ -28,7 +28,7 @@ use crate::tune::{MemTune, SchedInfo};
 /// Errors calling the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to oxvirtd at {target} (is `oxvirt daemon` running{}?): {source}", if target.starts_with("oxvirt+tcp") { " with --listen" } else { "" })]
+    #[error("cannot connect to oxvirtd at {target} (is `oxvirt daemon` running{}?): {source}", if target.starts_with("oxvirt+") { " with --listen" } else { "" })]
     Connect {
         target: String,
         source: std::io::Error,
@@ -62,11 +62,18 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A connection target: the daemon's socket, or its TCP address with the
-/// token it wants.
-#[derive(Debug, Clone)]
+/// token it wants (and, for TLS, the certificates to trust).
+#[derive(Clone)]
 pub struct Client {
     uri: ConnectUri,
     token: Option<Token>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.uri)
+    }
 }
 
 impl Client {
@@ -75,12 +82,32 @@ impl Client {
         Client {
             uri: ConnectUri::Unix(socket.into()),
             token: None,
+            tls: None,
         }
     }
 
     /// The daemon `uri` names; `token` is sent to a TCP one.
     pub fn for_uri(uri: ConnectUri, token: Option<Token>) -> Self {
-        Client { uri, token }
+        Client {
+            uri,
+            token,
+            tls: None,
+        }
+    }
+
+    /// Trusts the CA certificates in `ca_file` for an `oxvirt+tls://` daemon.
+    pub fn with_ca_file(self, ca_file: &Path) -> Result<Self, RemoteError> {
+        let pem = std::fs::read(ca_file).map_err(|source| RemoteError::TokenIo {
+            path: ca_file.to_owned(),
+            source,
+        })?;
+        self.with_ca_pem(&pem, ca_file)
+    }
+
+    /// The same with the PEM text (`origin` names it in errors).
+    pub fn with_ca_pem(mut self, pem: &[u8], origin: &Path) -> Result<Self, RemoteError> {
+        self.tls = Some(tls_connector(pem, origin)?);
+        Ok(self)
     }
 
     pub fn uri(&self) -> &ConnectUri {
@@ -108,18 +135,36 @@ impl Client {
                     .await
                     .map_err(|e| self.connect_error(e))?,
             ),
-            ConnectUri::Tcp { host, port } => {
-                let connect = TcpStream::connect((host.as_str(), *port));
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                    .await
-                    .map_err(|_| self.connect_error(std::io::ErrorKind::TimedOut.into()))?
-                    .map_err(|e| self.connect_error(e))?;
-                // Best effort: small requests go out at once.
-                let _ = stream.set_nodelay(true);
-                Box::new(stream)
+            ConnectUri::Tcp { host, port } => Box::new(self.tcp(host, *port).await?),
+            ConnectUri::Tls { host, port } => {
+                let Some(connector) = &self.tls else {
+                    return Err(self.connect_error(std::io::Error::other(
+                        "oxvirt+tls:// needs the certificate to trust (--ca-file or $OXVIRT_CA_FILE)",
+                    )));
+                };
+                let name = rustls_name(host).map_err(|e| self.connect_error(e))?;
+                let tcp = self.tcp(host, *port).await?;
+                let handshake = connector.connect(name, tcp);
+                Box::new(
+                    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                        .await
+                        .map_err(|_| self.connect_error(std::io::ErrorKind::TimedOut.into()))?
+                        .map_err(|e| self.connect_error(e))?,
+                )
             }
         };
         Ok(TokioIo::new(stream))
+    }
+
+    async fn tcp(&self, host: &str, port: u16) -> Result<TcpStream, ClientError> {
+        let connect = TcpStream::connect((host, port));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| self.connect_error(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(|e| self.connect_error(e))?;
+        // Best effort: small requests go out at once.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 
     /// A request with the headers every call carries.
@@ -598,6 +643,15 @@ impl Client {
             }
         }
     }
+}
+
+/// The name a TLS server's certificate must carry: its host name or IP.
+fn rustls_name(
+    host: &str,
+) -> Result<tokio_rustls::rustls::pki_types::ServerName<'static>, std::io::Error> {
+    tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host:?}: {e}"))
+    })
 }
 
 /// A domain name as one URL path segment (percent-encoded where needed).

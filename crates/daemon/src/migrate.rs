@@ -9,7 +9,7 @@
 //! Also migrate-setspeed, migrate-setmaxdowntime, domjobinfo.
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ pub struct MigrateRequest {
     /// The token of a TCP destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_token: Option<String>,
+    /// The CA certificate(s) (PEM) a TLS destination is checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_ca: Option<String>,
     /// Define the domain at the destination too.
     #[serde(default)]
     pub persistent: bool,
@@ -155,7 +158,12 @@ impl Manager {
             ));
         }
         let config = live.record.def.to_toml()?;
-        let remote = Client::for_uri(destination.clone(), token);
+        let mut remote = Client::for_uri(destination.clone(), token);
+        if let Some(pem) = &request.destination_ca {
+            remote = remote
+                .with_ca_pem(pem.as_bytes(), Path::new("destination_ca"))
+                .map_err(|e| invalid("destination_ca", e.to_string()))?;
+        }
         let incoming = remote
             .prepare_incoming(&config, request.persistent)
             .await
@@ -275,11 +283,9 @@ fn reachable_uri(incoming: &str, destination: &ConnectUri) -> String {
         .strip_prefix("tcp:")
         .and_then(|rest| rest.rsplit_once(':'))
         .map(|(_, port)| port);
-    match (port, destination) {
-        (Some(port), ConnectUri::Tcp { host, .. }) if host.contains(':') => {
-            format!("tcp:[{host}]:{port}")
-        }
-        (Some(port), ConnectUri::Tcp { host, .. }) => format!("tcp:{host}:{port}"),
+    match (port, destination.remote()) {
+        (Some(port), Some((host, _))) if host.contains(':') => format!("tcp:[{host}]:{port}"),
+        (Some(port), Some((host, _))) => format!("tcp:{host}:{port}"),
         _ => incoming.to_owned(),
     }
 }

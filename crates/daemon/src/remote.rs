@@ -1,8 +1,9 @@
 //! The API for other hosts: `oxvirt daemon --listen tcp:ADDR:PORT` serves
 //! the same routes over TCP, every request authenticated with a shared
-//! secret (`Authorization: Bearer TOKEN`, the token file the admin made).
-//! There is no TLS: keep the port on a trusted network. Also the
-//! `--connect` URIs clients use to pick a daemon.
+//! secret (`Authorization: Bearer TOKEN`, the token file the admin made);
+//! with `--tls-cert`/`--tls-key` inside TLS (rustls), which clients check
+//! against the CA file they are given. Plain TCP belongs on trusted
+//! networks only. Also the `--connect` URIs clients use to pick a daemon.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -14,12 +15,21 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
 
 use crate::api::ErrorBody;
 use crate::paths::{Mode, Paths, PathsError};
 
 /// libvirt's port for plain TCP, the default of `oxvirt+tcp://HOST/...`.
 pub const DEFAULT_PORT: u16 = 16509;
+/// libvirt's port for TLS, the default of `oxvirt+tls://HOST/...`.
+pub const DEFAULT_TLS_PORT: u16 = 16514;
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Shorter secrets are refused: they can be guessed.
 const MIN_TOKEN_LEN: usize = 16;
 
@@ -44,6 +54,8 @@ pub enum RemoteError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
 }
 
 /// Which daemon a client talks to.
@@ -53,6 +65,8 @@ pub enum ConnectUri {
     Unix(PathBuf),
     /// A daemon's `--listen` address on another host.
     Tcp { host: String, port: u16 },
+    /// The same inside TLS.
+    Tls { host: String, port: u16 },
 }
 
 impl ConnectUri {
@@ -78,8 +92,13 @@ impl ConnectUri {
                 false => Err(bad("unix:// needs an absolute path")),
             };
         }
-        let Some(rest) = uri.strip_prefix("oxvirt+tcp://") else {
-            return Err(bad("expected oxvirt:///system, oxvirt:///session, a socket path or oxvirt+tcp://HOST:PORT/system"));
+        let (rest, tls) = match (
+            uri.strip_prefix("oxvirt+tcp://"),
+            uri.strip_prefix("oxvirt+tls://"),
+        ) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(bad("expected oxvirt:///system, oxvirt:///session, a socket path, oxvirt+tcp://HOST:PORT/system or oxvirt+tls://HOST:PORT/system")),
         };
         let (authority, instance) = rest.split_once('/').unwrap_or((rest, ""));
         if !matches!(instance, "" | "system" | "session") {
@@ -91,15 +110,25 @@ impl ConnectUri {
             Some(p) => p
                 .parse()
                 .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
+            None if tls => DEFAULT_TLS_PORT,
             None => DEFAULT_PORT,
         };
         if port == 0 {
             return Err(bad("the port is not a number from 1 to 65535"));
         }
-        Ok(Self::Tcp {
-            host: host.to_owned(),
-            port,
+        let host = host.to_owned();
+        Ok(match tls {
+            true => Self::Tls { host, port },
+            false => Self::Tcp { host, port },
         })
+    }
+
+    /// The host and port of a remote daemon.
+    pub fn remote(&self) -> Option<(&str, u16)> {
+        match self {
+            Self::Tcp { host, port } | Self::Tls { host, port } => Some((host, *port)),
+            Self::Unix(_) => None,
+        }
     }
 }
 
@@ -107,10 +136,16 @@ impl std::fmt::Display for ConnectUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unix(path) => write!(f, "{}", path.display()),
-            Self::Tcp { host, port } if host.contains(':') => {
-                write!(f, "oxvirt+tcp://[{host}]:{port}/system")
+            Self::Tcp { host, port } | Self::Tls { host, port } => {
+                let scheme = match self {
+                    Self::Tls { .. } => "tls",
+                    _ => "tcp",
+                };
+                match host.contains(':') {
+                    true => write!(f, "oxvirt+{scheme}://[{host}]:{port}/system"),
+                    false => write!(f, "oxvirt+{scheme}://{host}:{port}/system"),
+                }
             }
-            Self::Tcp { host, port } => write!(f, "oxvirt+tcp://{host}:{port}/system"),
         }
     }
 }
@@ -261,11 +296,13 @@ pub fn listen_file(paths: &Paths) -> PathBuf {
     paths.run_dir.join("oxvirtd.tcp")
 }
 
-/// The daemon's `--listen` and `--token-file`.
+/// The daemon's `--listen`, `--token-file` and `--tls-cert`/`--tls-key`.
 #[derive(Debug, Clone)]
 pub struct RemoteListen {
     pub addr: SocketAddr,
     pub token_file: PathBuf,
+    /// The server's certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// The remote API's socket, bound, with the token it checks.
@@ -273,6 +310,7 @@ pub struct RemoteListener {
     pub listener: tokio::net::TcpListener,
     pub token: Token,
     pub addr: SocketAddr,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl RemoteListen {
@@ -285,6 +323,10 @@ impl RemoteListen {
     /// the address and records the bound address in `RUN/oxvirtd.tcp`.
     pub async fn bind(&self, paths: &Paths) -> Result<RemoteListener, RemoteError> {
         let token = Token::read_private(&self.token_file)?;
+        let tls = match &self.tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+            None => None,
+        };
         let io = |source| RemoteError::Listen {
             addr: self.addr,
             source,
@@ -294,12 +336,128 @@ impl RemoteListen {
         let file = listen_file(paths);
         std::fs::write(&file, format!("{addr}\n"))
             .map_err(|source| RemoteError::TokenIo { path: file, source })?;
-        tracing::warn!(%addr, "remote API listening on TCP without TLS: keep it on a trusted network");
+        match tls {
+            Some(_) => tracing::info!(%addr, "remote API listening on TLS"),
+            None => {
+                tracing::warn!(%addr, "remote API listening on TCP without TLS: keep it on a trusted network")
+            }
+        }
         Ok(RemoteListener {
             listener,
             token,
             addr,
+            tls,
         })
+    }
+}
+
+fn tls_error(path: &Path, reason: impl std::fmt::Display) -> RemoteError {
+    RemoteError::Tls {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The certificates in PEM text (at least one); `origin` names it.
+fn parse_certs(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(origin, e))?;
+    match certs.is_empty() {
+        true => Err(tls_error(origin, "no CERTIFICATE in it")),
+        false => Ok(certs),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
+    let pem = std::fs::read(path).map_err(|source| RemoteError::TokenIo {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_certs(&pem, path)
+}
+
+/// The server side: its certificate chain and key.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, RemoteError> {
+    let chain = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_error(key, e))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_error(cert, e))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The client side: trusts the certificates in PEM text `ca` (a CA's,
+/// which signed the server's), and only those; `origin` names it.
+pub fn tls_connector(ca: &[u8], origin: &Path) -> Result<tokio_rustls::TlsConnector, RemoteError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in parse_certs(ca, origin)? {
+        roots.add(cert).map_err(|e| tls_error(origin, e))?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Accepts TCP connections and runs their TLS handshakes apart, so a slow
+/// or silent client holds up only itself.
+pub struct TlsListener {
+    addr: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        addr: SocketAddr,
+    ) -> Self {
+        let (tx, ready) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "remote API accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, done) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            // The server is gone when nobody receives.
+                            let _ = done.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        TlsListener { addr, ready }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 
@@ -329,6 +487,13 @@ mod tests {
             ConnectUri::Tcp {
                 host: "host.example".into(),
                 port: DEFAULT_PORT
+            }
+        );
+        assert_eq!(
+            ConnectUri::parse("oxvirt+tls://h/system").unwrap(),
+            ConnectUri::Tls {
+                host: "h".into(),
+                port: DEFAULT_TLS_PORT
             }
         );
         let v6 = ConnectUri::parse("oxvirt+tcp://[::1]:99/session").unwrap();

@@ -115,10 +115,20 @@ pub async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     let tcp = async {
         let Some(r) = remote else { return Ok(()) };
         let router = crate::remote::router(api.clone(), r.token, r.addr);
-        axum::serve(r.listener, router)
-            .with_graceful_shutdown(until_stopped(stopped.clone()))
-            .await
-            .map_err(io(&crate::remote::listen_file(&opts.paths)))
+        let served = match r.tls {
+            Some(acceptor) => {
+                let listener = crate::remote::TlsListener::new(r.listener, acceptor, r.addr);
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(until_stopped(stopped.clone()))
+                    .await
+            }
+            None => {
+                axum::serve(r.listener, router)
+                    .with_graceful_shutdown(until_stopped(stopped.clone()))
+                    .await
+            }
+        };
+        served.map_err(io(&crate::remote::listen_file(&opts.paths)))
     };
     let unix = async {
         axum::serve(listener, api.clone())

@@ -2,7 +2,8 @@
 //! driven by the CLI with `--connect oxvirt+tcp://...` (and by raw HTTP
 //! for the refusals): a missing, malformed or wrong token gets a 401 JSON
 //! error and nothing happens; with the token every verb works as on the
-//! unix socket, the console included.
+//! unix socket, the console included; inside TLS, only a certificate of
+//! the CA the client trusts is accepted.
 
 mod common;
 
@@ -250,4 +251,165 @@ fn heavy_remote_api_needs_the_token_and_serves_every_verb() {
     ok(&uri, &["autostart", "far", "--disable"]);
     ok(&uri, &["undefine", "far"]);
     assert!(ok(&uri, &["list", "--all", "--name"]).trim().is_empty());
+}
+
+/// openssl: a CA in `dir` (NAME.pem, NAME.key) and, with `server`, a
+/// certificate it signs for 127.0.0.1 (server.pem, server.key).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_ca(dir: &Path, name: &str) {
+    let (key, pem, subject) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("/CN={name}"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &subject,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=keyCertSign",
+        ],
+    );
+}
+
+fn make_server_cert(dir: &Path) {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+#[test]
+fn heavy_remote_api_over_tls_checks_the_certificate() {
+    if !prerequisites() {
+        return;
+    }
+    let secrets = tempfile::tempdir().unwrap();
+    let dir = secrets.path();
+    make_ca(dir, "ca");
+    make_ca(dir, "stranger");
+    make_server_cert(dir);
+    let token = token_file(dir, TOKEN, 0o600);
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let d = Daemon::start_with(
+        &[
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--token-file",
+            &path("remote.token"),
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("server.key"),
+        ],
+        None,
+    );
+    assert!(token.exists());
+    let addr = listen_addr(&d);
+    let uri = format!("oxvirt+tls://{addr}/system");
+    let with_ca = |ca: &str, token: &str, args: &[&str]| {
+        Command::new(oxvirt_bin())
+            .args(args)
+            .args(["--connect", &uri, "--ca-file", &path(ca)])
+            .env("OXVIRT_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = with_ca("ca.pem", TOKEN, args);
+        assert!(
+            out.status.success(),
+            "oxvirt {args:?} over TLS: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // A certificate of another CA, no CA at all, plain TCP, a wrong token.
+    let out = with_ca("stranger.pem", TOKEN, &["list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("certificate"),
+        "{err}"
+    );
+    let err = fails(&uri, Some(TOKEN), &["list"]);
+    assert!(err.contains("needs --ca-file"), "{err}");
+    let plain = format!("oxvirt+tcp://{addr}/system");
+    assert!(!remote(&plain, Some(TOKEN), &["list"]).status.success());
+    let out = with_ca("ca.pem", "not-the-right-token", &["list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong token"));
+
+    let file = d.definition("sealed", CHECKER, "");
+    ok(&["define", file.to_str().unwrap()]);
+    ok(&["start", "sealed"]);
+    assert!(ok(&["dominfo", "sealed"]).contains("running"));
+    ok(&["destroy", "sealed"]);
+    ok(&["undefine", "sealed"]);
+    assert!(ok(&["list", "--all", "--name"]).trim().is_empty());
 }

@@ -22,14 +22,17 @@ use daemon::tune::{MemTune, SchedInfo};
 /// Which daemon to talk to.
 #[derive(clap::Args, Clone)]
 pub struct Connect {
-    /// oxvirt:///system, oxvirt:///session, a socket path or
-    /// oxvirt+tcp://HOST:PORT/system (default: $OXVIRT_DEFAULT_CONNECT_URI,
-    /// else system for root, session otherwise).
+    /// oxvirt:///system, oxvirt:///session, a socket path,
+    /// oxvirt+tcp://HOST:PORT/system or oxvirt+tls://HOST:PORT/system
+    /// (default: $OXVIRT_DEFAULT_CONNECT_URI, else system for root, session otherwise).
     #[arg(short = 'c', long = "connect", value_name = "URI")]
     uri: Option<String>,
     /// The remote daemon's token (default: $OXVIRT_TOKEN_FILE, else the token in $OXVIRT_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// The CA certificate an oxvirt+tls:// daemon's certificate must be signed by (default: $OXVIRT_CA_FILE).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl Connect {
@@ -42,11 +45,24 @@ impl Connect {
             Some(uri) => ConnectUri::parse(&uri)?,
             None => ConnectUri::Unix(Paths::for_mode(Mode::for_current_user())?.socket()),
         };
-        let token = match uri {
-            ConnectUri::Tcp { .. } => self.token()?,
-            ConnectUri::Unix(_) => None,
+        let token = match uri.remote() {
+            Some(_) => self.token()?,
+            None => None,
         };
-        Ok(Client::for_uri(uri, token))
+        let tls = matches!(uri, ConnectUri::Tls { .. });
+        let client = Client::for_uri(uri, token);
+        match (tls, self.ca_file()) {
+            (true, Some(ca)) => Ok(client.with_ca_file(&ca)?),
+            (true, None) => anyhow::bail!("oxvirt+tls:// needs --ca-file or $OXVIRT_CA_FILE"),
+            (false, _) => Ok(client),
+        }
+    }
+
+    /// The CA file for TLS: --ca-file, $OXVIRT_CA_FILE.
+    fn ca_file(&self) -> Option<PathBuf> {
+        self.ca_file
+            .clone()
+            .or_else(|| env("OXVIRT_CA_FILE").map(PathBuf::from))
     }
 
     /// The token for a TCP daemon: --token-file, $OXVIRT_TOKEN_FILE, $OXVIRT_TOKEN.
@@ -152,6 +168,9 @@ pub struct MigrateArgs {
     /// --token-file, $OXVIRT_TOKEN_FILE, $OXVIRT_TOKEN).
     #[arg(long, value_name = "FILE")]
     dest_token_file: Option<PathBuf>,
+    /// The CA of an oxvirt+tls:// destination (default: --ca-file, $OXVIRT_CA_FILE).
+    #[arg(long, value_name = "FILE")]
+    dest_ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -418,6 +437,9 @@ pub struct RunArgs {
     /// sys_nice: real-time vCPU threads (libvirt's vcpusched fifo:1).
     #[arg(long, value_name = "CAP")]
     cap_add: Vec<String>,
+    /// A cloud-init seed disk: user-data=PATH[,meta-data=PATH][,network-config=PATH][,vendor-data=PATH] (virt-install's keys).
+    #[arg(long, value_name = "SPEC")]
+    cloud_init: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -689,15 +711,31 @@ fn wait<T>(
 }
 
 fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
-    let remote = matches!(ConnectUri::parse(&a.desturi)?, ConnectUri::Tcp { .. });
-    let token = match (remote, &a.dest_token_file) {
-        (false, _) => None,
-        (true, Some(file)) => Some(Token::read(file)?),
-        (true, None) => a.dom.connect.token()?,
+    let destination = ConnectUri::parse(&a.desturi)?;
+    let token = match (destination.remote(), &a.dest_token_file) {
+        (None, _) => None,
+        (Some(_), Some(file)) => Some(Token::read(file)?),
+        (Some(_), None) => a.dom.connect.token()?,
+    };
+    let ca = match destination {
+        ConnectUri::Tls { .. } => {
+            let file = a
+                .dest_ca_file
+                .clone()
+                .or_else(|| a.dom.connect.ca_file())
+                .context(
+                "an oxvirt+tls:// destination needs --dest-ca-file (or --ca-file, $OXVIRT_CA_FILE)",
+            )?;
+            let pem = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            Some(pem)
+        }
+        _ => None,
     };
     let request = MigrateRequest {
         destination: a.desturi.clone(),
         destination_token: token.map(|t| t.as_str().to_owned()),
+        destination_ca: ca,
         persistent: a.persistent,
         undefine_source: a.undefinesource,
     };
@@ -896,6 +934,7 @@ fn run_domain(a: RunArgs) -> anyhow::Result<()> {
         networks: a.network,
         rng: a.rng,
         cap_add: a.cap_add,
+        cloud_init: a.cloud_init,
     }
     .into_definition()?;
     let text = def.to_toml()?;
