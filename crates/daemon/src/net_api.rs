@@ -13,8 +13,12 @@ use serde_json::{json, Value};
 
 use crate::api::{body, flag, ok, ApiError, ApiResult, ErrorBody};
 use crate::client::{Client, ClientError};
+use crate::devices::nic_id;
 use crate::manager::Manager;
-use crate::network::{LeaseInfo, NetworkError, NetworkInfo, NetworkSummary, Networks};
+use crate::network::{
+    InterfaceAddresses, LeaseInfo, NetworkError, NetworkInfo, NetworkSummary, Networks,
+    DEFAULT_NETWORK,
+};
 
 impl From<NetworkError> for ApiError {
     fn from(e: NetworkError) -> Self {
@@ -42,6 +46,7 @@ pub(crate) fn routes() -> Router<Manager> {
         .route("/v1/networks/{name}/destroy", post(destroy))
         .route("/v1/networks/{name}/autostart", put(autostart))
         .route("/v1/networks/{name}/leases", get(leases))
+        .route("/v1/domains/{name}/interfaces/addresses", get(domifaddr))
 }
 
 /// Runs `f` on the daemon's networks on a blocking thread.
@@ -127,6 +132,39 @@ async fn leases(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult
     blocking(m, move |n| n.leases(&name)).await
 }
 
+/// The domain's NICs with the addresses their networks leased them.
+async fn domifaddr(State(m): State<Manager>, Path(name): Path<String>) -> ApiResult {
+    let (def, taps) = m.with(&name, |d| {
+        let live = d.live.as_ref();
+        let def = live.map_or(&d.def, |l| &l.record.def).clone();
+        Ok((def, live.map(|l| l.record.taps.clone()).unwrap_or_default()))
+    })?;
+    blocking(m, move |n| {
+        let mut nics = Vec::with_capacity(def.nics.len());
+        for (i, nic) in def.nics.iter().enumerate() {
+            let network = nic
+                .network
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NETWORK.into());
+            let mac = nic.mac_for(&def.name, i);
+            let addresses = n
+                .leases(&network)?
+                .into_iter()
+                .filter(|l| l.mac.eq_ignore_ascii_case(&mac))
+                .map(|l| l.ip)
+                .collect();
+            nics.push(InterfaceAddresses {
+                name: taps.get(i).cloned().unwrap_or_else(|| nic_id(i)),
+                mac,
+                network,
+                addresses,
+            });
+        }
+        Ok(nics)
+    })
+    .await
+}
+
 /// The network verbs' calls.
 impl Client {
     pub async fn net_list(&self, all: bool) -> Result<Vec<NetworkSummary>, ClientError> {
@@ -177,6 +215,14 @@ impl Client {
     pub async fn net_leases(&self, name: &str) -> Result<Vec<LeaseInfo>, ClientError> {
         self.call(Method::GET, &net_path(name, "/leases"), None)
             .await
+    }
+
+    pub async fn domifaddr(&self, domain: &str) -> Result<Vec<InterfaceAddresses>, ClientError> {
+        let path = format!(
+            "/v1/domains/{}/interfaces/addresses",
+            crate::client::seg(domain)
+        );
+        self.call(Method::GET, &path, None).await
     }
 }
 

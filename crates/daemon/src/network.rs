@@ -136,6 +136,17 @@ pub struct LeaseInfo {
     pub hostname: Option<String>,
 }
 
+/// One NIC's addresses (`domifaddr`): from its network's DHCP leases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceAddresses {
+    /// The tap while the domain runs, else `netN`.
+    pub name: String,
+    pub mac: String,
+    pub network: String,
+    /// `A.B.C.D/NN` of each lease the MAC holds.
+    pub addresses: Vec<String>,
+}
+
 /// Where a daemon keeps its networks.
 #[derive(Debug, Clone)]
 struct NetPaths {

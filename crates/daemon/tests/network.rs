@@ -425,6 +425,15 @@ fn heavy_probe_guests_get_their_addresses_from_our_dhcp_server() {
         echo(&dns, &format!("{addr}:7"), b"leased address"),
         b"leased address"
     );
+    let ifaddr = d.ok(&["domifaddr", "dyn"]);
+    let line = ifaddr
+        .lines()
+        .find(|l| l.contains("52:54:00:00:bb:01"))
+        .unwrap_or_else(|| panic!("{ifaddr}"));
+    assert!(
+        line.trim_start().starts_with("oxvnet") && line.ends_with(&format!("ipv4         {cidr}")),
+        "{line}"
+    );
 
     let console = wait_console(&d, "fixed", "PROBE RESULT net listening");
     assert_eq!(

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use daemon::network::{LeaseInfo, NetworkInfo, NetworkSummary};
+use daemon::network::{InterfaceAddresses, LeaseInfo, NetworkInfo, NetworkSummary};
 
-use super::{wait, Connect};
+use super::{wait, Connect, Dom};
 
 /// The network a verb acts on: `NET` or virsh's `--network NET`.
 #[derive(clap::Args)]
@@ -103,6 +103,9 @@ pub enum NetVerb {
     #[command(name = "net-autostart")]
     Autostart(NetAutostartArgs),
     /// The addresses the network's DHCP server handed out.
+    /// A domain's NICs and the addresses DHCP leased them.
+    #[command(name = "domifaddr")]
+    Domifaddr(Dom),
     #[command(name = "net-dhcp-leases")]
     DhcpLeases(NetLeasesArgs),
 }
@@ -149,6 +152,7 @@ pub fn run(verb: NetVerb) -> anyhow::Result<()> {
             }
             print_leases(&leases);
         }
+        NetVerb::Domifaddr(d) => print_addresses(&wait(d.connect.client()?.domifaddr(&d.domain))?),
     }
     Ok(())
 }
@@ -218,6 +222,22 @@ fn print_leases(leases: &[LeaseInfo]) {
             l.ip,
             l.hostname.as_deref().unwrap_or("-")
         );
+    }
+}
+
+fn print_addresses(nics: &[InterfaceAddresses]) {
+    println!(
+        " {:<10} {:<20} {:<12} Address",
+        "Name", "MAC address", "Protocol"
+    );
+    println!("{}", "-".repeat(64));
+    for nic in nics {
+        if nic.addresses.is_empty() {
+            println!(" {:<10} {:<20} {:<12} -", nic.name, nic.mac, "-");
+        }
+        for address in &nic.addresses {
+            println!(" {:<10} {:<20} {:<12} {address}", nic.name, nic.mac, "ipv4");
+        }
     }
 }
 
