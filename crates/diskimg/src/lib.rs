@@ -9,6 +9,7 @@ mod disk;
 mod error;
 pub mod fuzzing;
 pub mod image;
+pub mod iso9660;
 mod iobuf;
 mod offset_map;
 pub mod ops;
