@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::tls::{make_ca, make_server_cert};
 use common::{oxvirt_bin, prerequisites, Daemon};
 use daemon::client::{block_on, Client};
 use daemon::remote::{ConnectUri, Token};
@@ -253,98 +254,6 @@ fn heavy_remote_api_needs_the_token_and_serves_every_verb() {
     assert!(ok(&uri, &["list", "--all", "--name"]).trim().is_empty());
 }
 
-/// openssl: a CA in `dir` (NAME.pem, NAME.key) and, with `server`, a
-/// certificate it signs for 127.0.0.1 (server.pem, server.key).
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn make_ca(dir: &Path, name: &str) {
-    let (key, pem, subject) = (
-        format!("{name}.key"),
-        format!("{name}.pem"),
-        format!("/CN={name}"),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subject,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=keyCertSign",
-        ],
-    );
-}
-
-fn make_server_cert(dir: &Path) {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-}
-
 #[test]
 fn heavy_remote_api_over_tls_checks_the_certificate() {
     if !prerequisites() {
@@ -354,7 +263,7 @@ fn heavy_remote_api_over_tls_checks_the_certificate() {
     let dir = secrets.path();
     make_ca(dir, "ca");
     make_ca(dir, "stranger");
-    make_server_cert(dir);
+    make_server_cert(dir, "127.0.0.1");
     let token = token_file(dir, TOKEN, 0o600);
     let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     let d = Daemon::start_with(

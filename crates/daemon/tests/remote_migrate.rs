@@ -5,7 +5,8 @@
 //! probe's `mem` workload checks its memory every pass, so a guest that
 //! counts on at the destination (without booting there) arrived whole.
 //! Refusals and a destination VMM that dies mid-migration leave the guest
-//! running at the source.
+//! running at the source. The guest then comes back to host a, whose
+//! remote API is inside TLS.
 
 mod common;
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::tls::{make_ca, make_server_cert};
 use common::{oxvirt_bin, prerequisites, read, Daemon};
 use host::net::NetNs;
 
@@ -131,7 +133,23 @@ fn heavy_live_migration_between_two_hosts_over_tcp() {
         &["--listen", &listen, "--token-file", token.to_str().unwrap()],
         Some(&b),
     );
-    let source = Daemon::start_with(&[], Some(&a));
+    // Host a serves its remote API inside TLS, for the way back.
+    make_ca(secrets.path(), "ca");
+    make_server_cert(secrets.path(), SOURCE_IP);
+    let cert = |name: &str| secrets.path().join(name).to_str().unwrap().to_owned();
+    let source = Daemon::start_with(
+        &[
+            "--listen",
+            &format!("tcp:{SOURCE_IP}:0"),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-cert",
+            &cert("server.pem"),
+            "--tls-key",
+            &cert("server.key"),
+        ],
+        Some(&a),
+    );
     let addr = read(&target.run_dir().join("oxvirtd.tcp"));
     assert!(addr.starts_with(DEST_IP), "{addr}");
     let desturi = format!("oxvirt+tcp://{addr}/system");
@@ -221,5 +239,35 @@ fn heavy_live_migration_between_two_hosts_over_tcp() {
         inode(format!("/proc/{pid}/ns/net")),
         inode(format!("/run/netns/{b}"))
     );
-    target.ok(&["destroy", "mover"]);
+
+    // And back to host a, the API call inside TLS checked against the CA.
+    let back = format!(
+        "oxvirt+tls://{}/system",
+        read(&source.run_dir().join("oxvirtd.tcp"))
+    );
+    let out = Command::new(oxvirt_bin())
+        .args(["migrate", "--live", "mover", &back, "--dest-ca-file"])
+        .arg(cert("ca.pem"))
+        .env("OXVIRT_DEFAULT_CONNECT_URI", target.socket())
+        .env("OXVIRT_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        target.ok(&["domstate", "mover", "--reason"]),
+        "shut off (migrated)\n"
+    );
+    assert_eq!(
+        source.ok(&["domstate", "mover", "--reason"]),
+        "running (migrated in)\n"
+    );
+    let back_at = last_pass(&read(&target.state_dir().join("log/mover.log")));
+    let log = wait_pass(&source, back_at);
+    assert_eq!(log.matches("fill_mib=").count(), 1, "booted again: {log}");
+    assert!(!log.contains("fail"), "{log}");
+    source.ok(&["destroy", "mover"]);
 }
