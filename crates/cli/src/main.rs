@@ -37,13 +37,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Img(args) => img::run(args),
-        Command::Lb(args) => lb::run(args),
-        Command::Vmm(args) => vmm::run(args),
-        Command::Daemon(args) => daemon::run(args),
-        Command::Virsh(verb) => virsh::run(verb),
+    let result = match vmm::args_alone() {
+        Some(args) => vmm::run(args),
+        None => match Cli::parse().command {
+            Command::Img(args) => img::run(args),
+            Command::Lb(args) => lb::run(args),
+            Command::Vmm(args) => vmm::run(args),
+            Command::Daemon(args) => daemon::run(args),
+            Command::Virsh(verb) => virsh::run(verb),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),

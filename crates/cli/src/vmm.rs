@@ -1,8 +1,10 @@
 //! `oxvirt vmm`: runs one VM in the foreground (see docs/vmm.md).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::Parser;
 use vmm::config::{Settings, SizeSetting};
 use vmm::device_config::DeviceSetting;
 
@@ -50,6 +52,30 @@ pub struct Args {
     /// The same settings in a TOML file (or JSON, for a .json name); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// `oxvirt vmm` on its own: the subcommand's flags with nothing else.
+#[derive(Parser)]
+#[command(
+    name = "oxvirt vmm",
+    about = "KVM virtual machine monitor: one VM in the foreground."
+)]
+struct Alone {
+    #[command(flatten)]
+    args: Args,
+}
+
+/// The flags of `oxvirt vmm ...` when `vmm` is the first argument, parsed
+/// by a parser of its own. The VMM lives as long as its VM, and building
+/// every tool's parser first would leave their code and heap resident for
+/// that whole time (docs/benchmarks.md, VMM memory).
+pub fn args_alone() -> Option<Args> {
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next()? != "vmm" {
+        return None;
+    }
+    let argv = std::iter::once(OsString::from("oxvirt vmm")).chain(argv);
+    Some(Alone::parse_from(argv).args)
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {

@@ -16,6 +16,19 @@ use std::time::{Duration, Instant};
 
 use vmm_common::oxvirt;
 
+/// The busybox initramfs of scripts/fetch-initramfs.sh.
+fn initramfs() -> Option<PathBuf> {
+    let path = testkit::peer_dir().join("initramfs/initramfs.cpio.gz");
+    testkit::require(
+        path.is_file(),
+        &format!(
+            "{} is missing (run scripts/fetch-initramfs.sh)",
+            path.display()
+        ),
+    )
+    .then_some(path)
+}
+
 fn kernel(name: &str) -> Option<PathBuf> {
     let path = testkit::peer_dir().join("kernel").join(name);
     testkit::require(
@@ -89,6 +102,95 @@ fn boot_until(
     done.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The kernel's `RAMDISK: [mem START-END]` line (setup_arch) covers the
+/// initrd we loaded, page-aligned: it found our PVH module entry.
+fn assert_ramdisk(console: &str, initrd: &std::path::Path) {
+    let line = (console.lines())
+        .find_map(|l| l.split_once("RAMDISK: [mem ").map(|(_, r)| r.to_owned()))
+        .unwrap_or_else(|| panic!("no RAMDISK line in\n{console}"));
+    let (start, end) = line
+        .trim_end()
+        .trim_end_matches(']')
+        .split_once('-')
+        .unwrap();
+    let parse = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap();
+    let size = std::fs::metadata(initrd).unwrap().len();
+    assert_eq!(start.len(), 10, "{line}");
+    assert_eq!(parse(start) % 4096, 0, "{line}");
+    assert_eq!(
+        parse(end) + 1 - parse(start),
+        size.div_ceil(4096) * 4096,
+        "{line}"
+    );
+}
+
+/// The initramfs is a newc archive GNU cpio lists with /init (executable,
+/// valid shell for busybox), busybox and the console device the kernel
+/// opens for init; busybox is static (the archive has no libraries).
+#[test]
+fn initramfs_holds_init_busybox_and_the_console() {
+    let Some(initrd) = initramfs() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("oxvirt-initramfs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "gzip -dc {0} | cpio -tv --quiet && cd {1} && gzip -dc {0} | cpio -id --quiet",
+        initrd.display(),
+        dir.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let entry = |name: &str| {
+        (listing.lines())
+            .find(|l| l.split_whitespace().last() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{listing}"))
+    };
+    assert!(entry("init").starts_with("-rwxr-xr-x"), "{listing}");
+    assert!(entry("bin/busybox").starts_with("-rwxr-xr-x"), "{listing}");
+    let console = entry("dev/console");
+    assert!(
+        console.starts_with("crw") && console.contains("5,   1"),
+        "{listing}"
+    );
+    for d in ["proc", "sys", "dev", "bin"] {
+        assert!(entry(d).starts_with('d'), "{listing}");
+    }
+    let init = std::fs::read_to_string(dir.join("init")).unwrap();
+    assert!(init.starts_with("#!/bin/busybox sh\n"), "{init}");
+    let busybox = dir.join("bin/busybox");
+    let check = std::process::Command::new(&busybox)
+        .args(["sh", "-n"])
+        .arg(dir.join("init"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let elf = std::fs::read(&busybox).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    let interp = std::process::Command::new("readelf")
+        .arg("-lW")
+        .arg(&busybox)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&interp.stdout).contains("INTERP"),
+        "busybox is dynamic"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 oxvirt.test=1";
 
 /// Checks the kernel's banner, that it got exactly `cmdline` (the whole
@@ -151,6 +253,9 @@ fn heavy_linux_pvm_compat_drops_xsave_and_uses_fxsave() {
     let Some(vmlinux) = kernel("vmlinux") else {
         return;
     };
+    let Some(initrd) = initramfs() else {
+        return;
+    };
     let console = boot_until(
         &vmlinux,
         &[
@@ -160,12 +265,15 @@ fn heavy_linux_pvm_compat_drops_xsave_and_uses_fxsave() {
             "pvm-compat",
             "--vcpus",
             "2",
+            "--initrd",
+            initrd.to_str().unwrap(),
         ],
         CMDLINE,
         &["x86/fpu: x87 FPU will use FXSAVE"],
         Duration::from_secs(900),
     );
     assert_early_boot(&console, CMDLINE, 128 << 20);
+    assert_ramdisk(&console, &initrd);
     for line in [
         "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
         "CPU: CPU feature xsave disabled, no CPUID level 0xd",
