@@ -1,3 +1,4 @@
+use crate::buf::AlignedBuf;
 use crate::iobuf::{self, IoBuf};
 use crate::Result;
 
@@ -85,7 +86,7 @@ pub(crate) fn read_bounced<D: BlockDevice + ?Sized>(
     offset: u64,
 ) -> Result<()> {
     let total = iobuf::total_len(bufs);
-    let mut bounce = vec![0u8; total.min(BOUNCE) as usize];
+    let mut bounce = AlignedBuf::page(total.min(BOUNCE) as usize);
     let mut done = 0u64;
     while done < total {
         let piece = &mut bounce[..(total - done).min(BOUNCE) as usize];
@@ -103,7 +104,7 @@ pub(crate) fn write_bounced<D: BlockDevice + ?Sized>(
     offset: u64,
 ) -> Result<()> {
     let total = iobuf::total_len(bufs);
-    let mut bounce = vec![0u8; total.min(BOUNCE) as usize];
+    let mut bounce = AlignedBuf::page(total.min(BOUNCE) as usize);
     let mut done = 0u64;
     while done < total {
         let piece = &mut bounce[..(total - done).min(BOUNCE) as usize];

@@ -11,6 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use crate::buf::AlignedBuf;
 use crate::error::{corrupt, io, Error, Result};
 use crate::iobuf::{self, IoBuf};
 
@@ -252,11 +253,12 @@ impl Disk {
             let g = offset + done as u64;
             let start = d.down(g);
             let piece = (buf.len() - done).min((start + BOUNCE - g) as usize);
-            let mut bounce = Aligned::new(d.up(g + piece as u64) - start, d.mem_align);
-            let got = self.pread(bounce.as_mut(), start)?;
+            let mut bounce =
+                AlignedBuf::new((d.up(g + piece as u64) - start) as usize, d.mem_align);
+            let got = self.pread(&mut bounce[..], start)?;
             let skip = (g - start) as usize;
             let avail = got.saturating_sub(skip).min(piece);
-            buf[done..done + avail].copy_from_slice(&bounce.as_mut()[skip..skip + avail]);
+            buf[done..done + avail].copy_from_slice(&bounce[skip..skip + avail]);
             done += avail;
             if avail < piece {
                 break;
@@ -277,9 +279,9 @@ impl Disk {
             let start = d.down(g);
             let piece = (buf.len() - done).min((start + BOUNCE - g) as usize);
             let end = g + piece as u64;
-            let mut bounce = Aligned::new(d.up(end) - start, d.mem_align);
+            let mut bounce = AlignedBuf::new((d.up(end) - start) as usize, d.mem_align);
             let block = d.offset_align as usize;
-            let b = bounce.as_mut();
+            let b = &mut bounce[..];
             if g != start {
                 self.pread(&mut b[..block], start)?;
             }
@@ -331,26 +333,6 @@ impl Direct {
 
     fn up(&self, x: u64) -> u64 {
         x.div_ceil(self.offset_align) * self.offset_align
-    }
-}
-
-/// A zeroed buffer whose start is aligned, carved out of a larger Vec.
-struct Aligned {
-    buf: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: u64, align: usize) -> Aligned {
-        let len = len as usize;
-        let buf = vec![0u8; len + align];
-        let at = buf.as_ptr().align_offset(align);
-        Aligned { buf, at, len }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.at..self.at + self.len]
     }
 }
 

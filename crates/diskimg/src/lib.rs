@@ -4,13 +4,14 @@
 //! go through this crate; nothing here knows about either of them.
 
 mod block;
+mod buf;
 mod compress;
 mod disk;
 mod error;
 pub mod fuzzing;
 pub mod image;
-pub mod iso9660;
 mod iobuf;
+pub mod iso9660;
 mod offset_map;
 pub mod ops;
 pub mod qcow2;

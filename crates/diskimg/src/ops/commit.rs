@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::chain_status;
 use crate::block::{Allocation, BlockDevice};
+use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::image::{resolve_backing, Chain, Format};
 
@@ -84,7 +85,7 @@ fn backing_chain(top: &Path) -> Result<Vec<(PathBuf, Option<Format>)>> {
 /// above `depth` decide (data or zeroes).
 fn copy_above(reader: &dyn BlockDevice, target: &dyn BlockDevice, depth: u32) -> Result<()> {
     let size = reader.size().min(target.size());
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = AlignedBuf::page(CHUNK as usize);
     let mut at = 0;
     while at < size {
         let s = chain_status(reader, at, (size - at).min(CHUNK))?;
@@ -145,7 +146,10 @@ fn copy_differences(img: &crate::qcow2::Qcow2, new: Option<&dyn BlockDevice>) ->
         }
         Ok(())
     };
-    let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let (mut a, mut b) = (
+        AlignedBuf::page(CHUNK as usize),
+        AlignedBuf::page(CHUNK as usize),
+    );
     let mut at = 0;
     while at < size {
         let (alloc, n) = img.block_status(at, (size - at).min(CHUNK))?;

@@ -2,6 +2,7 @@
 
 use super::chain_status;
 use crate::block::BlockDevice;
+use crate::buf::AlignedBuf;
 use crate::error::Result;
 
 const CHUNK: u64 = 1 << 20;
@@ -39,7 +40,10 @@ pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> Result
     }
     let common = a.size().min(b.size());
     let mut at = 0;
-    let (mut ba, mut bb) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let (mut ba, mut bb) = (
+        AlignedBuf::page(CHUNK as usize),
+        AlignedBuf::page(CHUNK as usize),
+    );
     while at < common {
         let sa = chain_status(a, at, (common - at).min(CHUNK))?;
         let sb = chain_status(b, at, sa.len)?;

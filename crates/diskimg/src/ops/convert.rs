@@ -1,16 +1,15 @@
 //! `qemu-img convert`: copy guest contents between formats, keeping zero
 //! ranges sparse and compressing clusters on several threads.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 mod pipeline;
 
 use super::chain_status;
 use crate::block::{Allocation, BlockDevice};
+use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::image::{probe, resolve_backing, Chain, Format};
 use crate::qcow2::create::{create, CreateOptions};
@@ -67,6 +66,9 @@ struct Concat {
     top_only: bool,
 }
 
+/// The last extent a reader learnt of: its start, end and kind.
+type Known = Option<(u64, u64, Extent)>;
+
 /// What a range of the source holds, for the copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Extent {
@@ -103,6 +105,22 @@ impl Concat {
             Extent::Data
         };
         Ok((kind, s.len))
+    }
+
+    /// `status` of the range from `offset` to at most `end`, through
+    /// `known`: each query asks about the rest of the source and the
+    /// answer is kept, so an extent spanning many chunks costs one query
+    /// (two lseeks on a raw file) rather than one per chunk.
+    fn status_upto(&self, known: &mut Known, offset: u64, end: u64) -> Result<(Extent, u64)> {
+        match *known {
+            Some((from, to, kind)) if from <= offset && offset < to => {
+                return Ok((kind, to.min(end) - offset))
+            }
+            _ => {}
+        }
+        let (kind, n) = self.status(offset, self.size - offset)?;
+        *known = Some((offset, offset + n, kind));
+        Ok((kind, n.min(end - offset)))
     }
 
     /// Whether zeroes must be written rather than left as holes: into an
@@ -244,103 +262,157 @@ fn copy(
     progress(0.0);
     match &target {
         Target::Compressed(q) => pipeline::copy_compressed(src, q, opts, progress)?,
-        Target::Plain(d) => copy_plain(src, d.as_ref(), opts, progress)?,
+        Target::Plain(d) => copy_plain(src, d.as_ref(), dest, opts, progress)?,
     }
     if opts.flush {
         dev.flush()?;
     }
+    progress(100.0);
     Ok(())
 }
 
-/// One chunk of the source as read: its extents (offset, length, whether
-/// it reads as zeroes) and the data of those that do not.
+/// The extents of one chunk of the source (offset, length, what it
+/// holds); the data of those that hold data is in the reader's buffer.
 struct Chunk {
     start: u64,
     extents: Vec<(u64, u64, Extent)>,
-    buf: Vec<u8>,
 }
 
-/// Copies through the trait: two threads read chunks while this one
-/// writes them in order, so reading and writing overlap (as qemu-img's
-/// parallel requests do). A reader takes a free buffer before it claims
-/// the next chunk, so the chunk the writer waits for always has one.
+/// Copies through the trait on `-m` threads (qemu-img's parallel
+/// requests), each reading a chunk into its own buffer and writing it when
+/// its turn comes: reads overlap writes, and the target is still written
+/// in guest order so its layout stays sequential. The calling thread is
+/// one of them (it alone reports progress).
 fn copy_plain(
     src: &Concat,
     dst: &dyn BlockDevice,
+    dest: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
-    const READERS: usize = 2;
-    const BUFFERS: usize = 4;
-    let (full_tx, full_rx) = sync_channel::<(u64, Result<Chunk>)>(BUFFERS);
-    let (free_tx, free_rx) = channel::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        let _ = free_tx.send(vec![0u8; CHUNK as usize]);
-    }
-    let free_rx = Mutex::new(free_rx);
+    let workers = opts.threads.max(1);
     let next = AtomicU64::new(0);
+    let turn = Turn::new(workers);
+    let run = |progress: &mut dyn FnMut(f64)| copy_chunks(src, dst, opts, &next, &turn, progress);
     std::thread::scope(|s| {
-        for _ in 0..READERS {
-            let full = full_tx.clone();
-            let (next, free) = (&next, &free_rx);
-            s.spawn(move || read_chunks(src, next, free, full));
+        let others: Vec<_> = (1..workers).map(|_| s.spawn(|| run(&mut |_| {}))).collect();
+        let mut result = run(progress);
+        for h in others {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(Error::Usage(format!(
+                    "{}: a copying thread panicked",
+                    dest.display()
+                )))
+            });
+            result = result.and(r);
         }
-        drop(full_tx);
-        // Returning drops the channel ends, which stops the readers.
-        write_in_order(src, dst, opts, full_rx, free_tx, progress)
+        result
     })
 }
 
-fn read_chunks(
-    src: &Concat,
-    next: &AtomicU64,
-    free: &Mutex<Receiver<Vec<u8>>>,
-    full: SyncSender<(u64, Result<Chunk>)>,
-) {
-    loop {
-        let Ok(buf) = free.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
-            return;
-        };
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let at = i * CHUNK;
-        if at >= src.size {
-            return;
+/// Whose turn it is to write: the number of the next chunk, or that a
+/// writer failed (the others then stop). The chunks claimed and not yet
+/// written are at most one per worker and consecutive, so chunk `i`'s
+/// waiter is alone on condition variable `i % workers` and each write
+/// wakes only the next chunk's writer.
+struct Turn {
+    state: Mutex<(u64, bool)>,
+    changed: Vec<Condvar>,
+}
+
+impl Turn {
+    fn new(workers: usize) -> Turn {
+        Turn {
+            state: Mutex::new((0, false)),
+            changed: (0..workers).map(|_| Condvar::new()).collect(),
         }
-        let chunk = read_chunk(src, at, (src.size - at).min(CHUNK), buf);
-        if full.send((i, chunk)).is_err() {
-            return;
+    }
+
+    fn cv(&self, i: u64) -> &Condvar {
+        &self.changed[(i % self.changed.len() as u64) as usize]
+    }
+
+    /// Waits until chunk `i` may be written; false if a writer failed.
+    fn wait(&self, i: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.0 != i && !st.1 {
+            st = self.cv(i).wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        !st.1
+    }
+
+    /// Chunk `i` is written: the next one may go.
+    fn pass(&self, i: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = i + 1;
+        self.cv(i + 1).notify_all();
+    }
+
+    /// A writer failed: every waiting one stops.
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.changed.iter().for_each(Condvar::notify_all);
+    }
+}
+
+/// Fails the copy if its thread unwinds, so that no writer waits forever
+/// for a turn that will not come.
+struct FailOnUnwind<'a>(&'a Turn);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail();
         }
     }
 }
 
-fn write_in_order(
+fn copy_chunks(
     src: &Concat,
     dst: &dyn BlockDevice,
     opts: &ConvertOptions,
-    full: Receiver<(u64, Result<Chunk>)>,
-    free: Sender<Vec<u8>>,
+    next: &AtomicU64,
+    turn: &Turn,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
-    let mut next = 0;
-    let mut waiting = BTreeMap::new();
-    for (i, chunk) in full {
-        waiting.insert(i, chunk?);
-        while let Some(chunk) = waiting.remove(&next) {
-            write_chunk(dst, &chunk, opts, src.explicit_zeroes(opts))?;
-            let end = (chunk.start + CHUNK).min(src.size);
-            progress(end as f64 * 100.0 / src.size as f64);
-            let _ = free.send(chunk.buf);
-            next += 1;
+    let mut buf = AlignedBuf::page(CHUNK as usize);
+    let mut known = None;
+    let _guard = FailOnUnwind(turn);
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let at = i * CHUNK;
+        if at >= src.size {
+            return Ok(());
         }
+        let len = (src.size - at).min(CHUNK);
+        let chunk = read_chunk(src, &mut known, at, len, &mut buf);
+        if !turn.wait(i) {
+            return Ok(());
+        }
+        let written =
+            chunk.and_then(|c| write_chunk(dst, &c, &buf, opts, src.explicit_zeroes(opts)));
+        match written {
+            Ok(()) => turn.pass(i),
+            Err(e) => {
+                turn.fail();
+                return Err(e);
+            }
+        }
+        progress((at + len) as f64 * 100.0 / src.size as f64);
     }
-    Ok(())
 }
 
-fn read_chunk(src: &Concat, start: u64, len: u64, mut buf: Vec<u8>) -> Result<Chunk> {
+fn read_chunk(
+    src: &Concat,
+    known: &mut Known,
+    start: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<Chunk> {
     let mut extents = Vec::new();
     let mut at = start;
     while at < start + len {
-        let (kind, n) = src.status(at, start + len - at)?;
+        let (kind, n) = src.status_upto(known, at, start + len)?;
         if kind == Extent::Data {
             let i = (at - start) as usize;
             src.read(&mut buf[i..i + n as usize], at)?;
@@ -348,16 +420,13 @@ fn read_chunk(src: &Concat, start: u64, len: u64, mut buf: Vec<u8>) -> Result<Ch
         extents.push((at, n, kind));
         at += n;
     }
-    Ok(Chunk {
-        start,
-        extents,
-        buf,
-    })
+    Ok(Chunk { start, extents })
 }
 
 fn write_chunk(
     dst: &dyn BlockDevice,
     chunk: &Chunk,
+    buf: &[u8],
     opts: &ConvertOptions,
     explicit_zeroes: bool,
 ) -> Result<()> {
@@ -368,7 +437,7 @@ fn write_chunk(
             Extent::Zero => {}
             Extent::Data => {
                 let i = (at - chunk.start) as usize;
-                let data = &chunk.buf[i..i + n as usize];
+                let data = &buf[i..i + n as usize];
                 write_sparse(dst, data, at, opts.min_sparse, explicit_zeroes)?;
             }
         }

@@ -96,7 +96,8 @@ fn scan(q: &Qcow2, st: &mut State) -> Result<Scan> {
             total_clusters: st.header.size.div_ceil(cs),
             ..Default::default()
         },
-        counted: Vec::new(),
+        // Sized once: counts never lie past the end of the file.
+        counted: vec![0; file_len.div_ceil(cs) as usize],
         file_len,
         owners: Vec::new(),
         mismatches: Vec::new(),
@@ -136,6 +137,9 @@ fn walk_l1(q: &Qcow2, st: &State, s: &mut Scan, l1: &[u64], active: bool) -> Res
             s.owners.push((Owner::L1 { index }, e));
         }
         let table = q.with_l2(st, l2, |t| t.to_vec())?;
+        if active {
+            s.owners.reserve(table.len() / words);
+        }
         for (i, pair) in table.chunks(words).enumerate() {
             let (entry, bitmap) = (pair[0], pair.get(1).copied().unwrap_or(0));
             if entry & COMPRESSED != 0 {

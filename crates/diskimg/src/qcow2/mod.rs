@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::block::{self, Allocation, BlockDevice};
+use crate::buf::AlignedBuf;
 use crate::compress;
 use crate::disk::{be64_at, Disk};
 use crate::error::{corrupt, invalid, Error, Result};
@@ -169,8 +170,13 @@ impl Qcow2 {
         }
     }
 
+    /// log2 of the entries per L2 table.
+    fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.ext_l2 { 4 } else { 3 }
+    }
+
     fn l2_coverage(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size() * self.cluster_size()
+        1 << (self.l2_bits() + self.cluster_bits)
     }
 
     pub(crate) fn set_incompatible(&self, bits: u64) -> Result<()> {
@@ -191,28 +197,28 @@ impl Qcow2 {
         f: impl FnOnce(&[u64]) -> T,
     ) -> Result<T> {
         let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache.contains_key(&offset) {
-            if !offset.is_multiple_of(self.cluster_size()) {
-                return Err(corrupt(
-                    &self.disk.path,
-                    format!("L2 table offset 0x{offset:x} is not cluster aligned"),
-                ));
-            }
-            let mut raw = vec![0u8; self.cluster_size() as usize];
-            self.disk.read_meta(&mut raw, offset, "L2 table")?;
-            if cache.len() >= L2_CACHE_TABLES {
-                cache.clear();
-            }
-            cache.insert(
-                offset,
-                (0..raw.len() / 8).map(|i| be64_at(&raw, i * 8)).collect(),
-            );
+        if let Some(table) = cache.get(&offset) {
+            return Ok(f(table));
         }
-        Ok(f(&cache[&offset]))
+        if !offset.is_multiple_of(self.cluster_size()) {
+            return Err(corrupt(
+                &self.disk.path,
+                format!("L2 table offset 0x{offset:x} is not cluster aligned"),
+            ));
+        }
+        let mut raw = AlignedBuf::page(self.cluster_size() as usize);
+        self.disk.read_meta(&mut raw, offset, "L2 table")?;
+        if cache.len() >= L2_CACHE_TABLES {
+            cache.clear();
+        }
+        let table = cache
+            .entry(offset)
+            .or_insert_with(|| raw.chunks(8).map(|c| be64_at(c, 0)).collect());
+        Ok(f(table))
     }
 
     fn slot(&self, st: &State, guest: u64) -> Result<Slot> {
-        let l1_index = (guest / self.l2_coverage()) as usize;
+        let l1_index = (guest >> (self.l2_bits() + self.cluster_bits)) as usize;
         let l1e = *st.l1.get(l1_index).ok_or_else(|| {
             corrupt(
                 &self.disk.path,
@@ -223,8 +229,7 @@ impl Qcow2 {
             )
         })?;
         let l2_offset = l1e & OFFSET_MASK;
-        let index =
-            ((guest >> self.cluster_bits) % (self.cluster_size() / self.l2_entry_size())) as usize;
+        let index = ((guest >> self.cluster_bits) & ((1 << self.l2_bits()) - 1)) as usize;
         let mut slot = Slot {
             l1_copied: l1e & COPIED != 0,
             l2_offset,
