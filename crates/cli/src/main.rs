@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cloud_localds;
 mod daemon;
 mod img;
 mod lb;
@@ -32,6 +33,8 @@ enum Command {
     Vmm(vmm::Args),
     /// The manager daemon (oxvirtd): domains, VMM processes, cgroups, REST API.
     Daemon(daemon::Args),
+    /// cloud-localds: a cloud-init NoCloud seed image (ISO 9660, label cidata).
+    CloudLocalds(cloud_localds::Args),
     #[command(flatten)]
     Virsh(virsh::Verb),
 }
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
             Command::Lb(args) => lb::run(args),
             Command::Vmm(args) => vmm::run(args),
             Command::Daemon(args) => daemon::run(args),
+        Command::CloudLocalds(args) => cloud_localds::run(args),
             Command::Virsh(verb) => virsh::run(verb),
         },
     };
