@@ -209,6 +209,63 @@ fn device_writes_are_marked_dirty_for_migration() {
     );
 }
 
+/// Buffers that cross from one memory region into the next move straight
+/// between guest memory and a real raw image (diskimg's preadv/pwritev
+/// path) both ways, and both regions' pages are marked dirty by the read.
+#[test]
+fn data_crossing_two_memory_regions_moves_straight_to_and_from_a_raw_image() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const SPLIT: u64 = 8 << 20;
+    let mem = vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+        (GuestAddress(0), SPLIT as usize),
+        (GuestAddress(SPLIT), SPLIT as usize),
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    diskimg::raw::Raw::create(&path, DISK_SIZE).unwrap();
+    let disk = diskimg::open(&path, false, Some(diskimg::Format::Raw)).unwrap();
+    let mut d = Driver::with_memory(
+        Block::new(Arc::from(disk), BlockConfig::default()).unwrap(),
+        mem,
+    );
+    d.init(u64::MAX, 1, 128);
+    let (at, len) = (SPLIT - 0x800, 0x2000u32);
+    let data = pattern(len as usize, 9);
+    d.mem.write_slice(&data, GuestAddress(at)).unwrap();
+    assert_eq!(request(&mut d, T_OUT, 3, &[rd(at, len)]).0, S_OK);
+    let mut on_disk = vec![0u8; len as usize];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 3 * 512)
+        .unwrap();
+    assert!(
+        on_disk == data,
+        "the image does not hold what the guest wrote"
+    );
+
+    // Read into a wider crossing buffer whose outer pages nothing wrote yet.
+    let (at, len) = (SPLIT - 0x6000, 0xc000u32);
+    let dirty = |d: &Driver<Block>, region: usize, offset: u64| {
+        let r = d.mem.iter().nth(region).unwrap();
+        r.bitmap().dirty_at(offset as usize)
+    };
+    assert!(!dirty(&d, 0, at) && !dirty(&d, 1, 0x5000));
+    assert_eq!(request(&mut d, T_IN, 0, &[wr(at, len)]).0, S_OK);
+    let mut want = vec![0u8; len as usize];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut want, 0)
+        .unwrap();
+    assert!(want[3 * 512..3 * 512 + data.len()] == data[..]);
+    let mut back = vec![0u8; len as usize];
+    d.mem.read_slice(&mut back, GuestAddress(at)).unwrap();
+    assert!(back == want, "the guest read back something else");
+    assert!(dirty(&d, 0, at), "first region's page not dirty");
+    assert!(dirty(&d, 1, 0x5000), "second region's page not dirty");
+}
+
 #[test]
 fn get_id_returns_the_serial() {
     let config = BlockConfig {

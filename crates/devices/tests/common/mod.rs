@@ -189,7 +189,10 @@ pub struct Driver<D: VirtioDevice> {
 
 impl<D: VirtioDevice> Driver<D> {
     pub fn new(device: D) -> Self {
-        let mem = guest_memory();
+        Self::with_memory(device, guest_memory())
+    }
+
+    pub fn with_memory(device: D, mem: GuestMemory) -> Self {
         let irq = Arc::new(CountingIrq::default());
         let transport = MmioTransport::new(device, mem.clone(), irq.clone()).unwrap();
         Driver {
