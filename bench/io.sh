@@ -3,6 +3,8 @@
 # virtio probe guest, the same raw image (on /var/tmp, not tmpfs) and the
 # same tap set-up, in one run; prints each figure and the oxvirt/QEMU ratio.
 # Usage: bash bench/io.sh [runs]   (root, KVM, /dev/net/tun, perf, .peer/qemu)
+# ROWS=REGEX keeps only the figures whose label matches (e.g. ROWS='seq').
+# The two VMMs alternate run by run, so load from elsewhere hits both alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -11,6 +13,7 @@ cargo build --release -q -p oxvirt-cli -p oxvirt-probe
 # The virtio probe needs its own target dir (see testkit's probe_kernel_virtio).
 cargo build --release -q -p oxvirt-probe --features virtio --target-dir "$target/probe-virtio"
 export OXVIRT=$target/release/oxvirt PROBE=$target/probe-virtio/release/oxvirt-probe RUNS=$runs
+export ROWS=${ROWS:-}
 export QEMU=.peer/qemu/usr/bin/qemu-system-x86_64 QEMU_FW=.peer/qemu/usr/share/qemu
 work=$(mktemp -d /var/tmp/oxvirt-bench-io.XXXXXX)
 export IMG=$work/disk.raw NS=oxbench-io-$$ TAP=oxbio$$
@@ -23,7 +26,7 @@ ip -n "$NS" tuntap add dev "$TAP" mode tap vnet_hdr
 ip -n "$NS" link set "$TAP" up
 ip -n "$NS" addr add 10.78.0.1/24 dev "$TAP"
 python3 - <<'PY'
-import os, re, statistics, subprocess, tempfile, time
+import os, re, statistics, subprocess, sys, tempfile, time
 env = os.environ
 MEM = "96M"
 # microvm's virtio-mmio slots, filled from the last one down (testkit's Microvm).
@@ -140,8 +143,13 @@ print(f"{'figure (median of ' + str(runs) + ')':40} {'oxvirt':>10} {'qemu':>10} 
 blk("oxvirt", "seqwrite", 256, 1 << 20)
 def ratio(o, q): return f"{o / q:7.2f}" if q else f"{'-':>7}"
 for labels, measure in rows:
-    o = [statistics.median(v) for v in zip(*(measure("oxvirt") for _ in range(runs)))]
-    q = [statistics.median(v) for v in zip(*(measure("qemu") for _ in range(runs)))]
+    if not any(re.search(env["ROWS"], l) for l in labels): continue
+    got = {"oxvirt": [], "qemu": []}
+    for _ in range(runs):
+        for tool in got: got[tool].append(measure(tool))
+    o, q = ([statistics.median(v) for v in zip(*got[t])] for t in got)
+    each = " ".join(f"{a[0]:.0f}/{b[0]:.0f}" for a, b in zip(got["oxvirt"], got["qemu"]))
+    print(f"  {labels[0]}: runs oxvirt/qemu {each}", file=sys.stderr, flush=True)
     for label, ov, qv in zip(labels, o, q):
         print(f"{label:40} {ov:10.2f} {qv:10.2f} {ratio(ov, qv)}", flush=True)
 PY
