@@ -89,6 +89,9 @@ pub struct DomainDef {
     pub rng: bool,
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
+    /// A cloud-init NoCloud seed attached as a read-only disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloudinit::CloudInit>,
 }
 
 /// Cgroup limits, with Docker's and libvirt's meanings.
@@ -314,6 +317,9 @@ impl DomainDef {
         }
         for nic in &self.nics {
             nic.validate().map_err(device_err)?;
+        }
+        if let Some(cloud_init) = &self.cloud_init {
+            cloud_init.validate().map_err(device_err)?;
         }
         Ok(())
     }

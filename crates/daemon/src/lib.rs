@@ -5,6 +5,7 @@
 pub mod api;
 pub mod blkio;
 pub mod client;
+pub mod cloudinit;
 pub mod config;
 pub mod console;
 pub mod devices;

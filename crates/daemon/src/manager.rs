@@ -330,6 +330,7 @@ impl Manager {
         std::fs::remove_file(&path).map_err(|source| ManagerError::Io { path, source })?;
         remove_if_exists(&self.paths().autostart_mark(name));
         remove_if_exists(&self.paths().managed_save(name));
+        crate::cloudinit::remove_seed(&self.paths().state_dir, name);
         self.forget_snapshots(name);
         let mut table = self.table();
         if remove {
@@ -370,6 +371,7 @@ impl Manager {
         if let Err(e) = self.start_locked(&name).await {
             if transient {
                 self.table().remove(&name);
+                crate::cloudinit::remove_seed(&self.paths().state_dir, &name);
             }
             return Err(e);
         }
@@ -741,6 +743,7 @@ impl Manager {
         };
         if !domain.persistent {
             table.remove(name);
+            crate::cloudinit::remove_seed(&self.paths().state_dir, name);
             return;
         }
         domain.state = state;

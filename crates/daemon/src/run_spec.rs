@@ -54,6 +54,8 @@ pub struct RunSpec {
     pub rng: bool,
     /// `--cap-add sys_nice`: real-time vCPU threads.
     pub cap_add: Vec<String>,
+    /// `--cloud-init user-data=PATH[,meta-data=PATH]...` (virt-install).
+    pub cloud_init: Option<String>,
 }
 
 fn bytes(flag: &'static str, text: &str) -> Result<u64, RunSpecError> {
@@ -164,8 +166,18 @@ impl RunSpec {
                 }
             }
         }
+        let cloud_init = self
+            .cloud_init
+            .as_deref()
+            .map(crate::cloudinit::parse_flag)
+            .transpose()
+            .map_err(|reason| RunSpecError::Invalid {
+                flag: "cloud-init",
+                reason,
+            })?;
         Ok(DomainDef {
             name,
+            cloud_init,
             memory: ByteSize(guest.unwrap_or(128 << 20)),
             max_memory: None,
             disks,

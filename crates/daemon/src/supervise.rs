@@ -20,7 +20,7 @@ use crate::error::ManagerError;
 use crate::manager::{
     remove_dir, remove_if_exists, unix_now, Live, Manager, ManagerOptions, StopRequest,
 };
-use crate::{network, tune, vmm_client};
+use crate::{cloudinit, network, tune, vmm_client};
 
 /// How a VMM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +53,13 @@ pub(crate) fn serial_socket(run_dir: &Path) -> PathBuf {
 
 /// The `oxvirt vmm` arguments for a definition whose NICs got `taps`.
 /// `incoming`: a migration URI (`file:` a saved state) to take the
-/// guest from instead of booting.
+/// guest from instead of booting. `seed`: the cloud-init seed image.
 pub fn vmm_args(
     def: &DomainDef,
     run_dir: &Path,
     taps: &[String],
     incoming: Option<&str>,
+    seed: Option<&Path>,
 ) -> Vec<String> {
     let mut args = vec![
         "vmm".to_owned(),
@@ -85,6 +86,9 @@ pub fn vmm_args(
     for (i, disk) in def.disks.iter().enumerate() {
         args.extend(["--disk".to_owned(), disk.vmm_flag(i)]);
     }
+    if let Some(seed) = seed {
+        args.extend(["--disk".to_owned(), cloudinit::seed_disk_flag(seed)]);
+    }
     for (i, (nic, tap)) in def.nics.iter().zip(taps).enumerate() {
         args.extend(["--net".to_owned(), nic.vmm_flag(&def.name, i, tap)]);
     }
@@ -107,6 +111,7 @@ pub(crate) async fn launch(
 ) -> Result<(Live, Waiter), ManagerError> {
     let name = def.name.as_str();
     let paths = &opts.paths;
+    let seed = cloudinit::write_seed(&paths.state_dir, name, def.cloud_init.as_ref())?;
     let run_dir = paths.domain_run_dir(name);
     remove_dir(&run_dir);
     let io = |path: &Path| {
@@ -134,7 +139,7 @@ pub(crate) async fn launch(
     let spawned = spawn(
         opts,
         def,
-        (&run_dir, incoming),
+        (&run_dir, incoming, seed.as_deref()),
         &taps,
         cgroup.as_ref(),
         &vmm_log_path,
@@ -255,7 +260,7 @@ pub(crate) async fn reconnect_console(run_dir: &Path, console_log: &Path) -> Opt
 fn spawn(
     opts: &ManagerOptions,
     def: &DomainDef,
-    (run_dir, incoming): (&Path, Option<&str>),
+    (run_dir, incoming, seed): (&Path, Option<&str>, Option<&Path>),
     taps: &[String],
     cgroup: Option<&DomainCgroup>,
     vmm_log_path: &Path,
@@ -274,7 +279,7 @@ fn spawn(
         .collect();
     let mut command = Command::new(&opts.vmm_binary);
     command
-        .args(vmm_args(def, run_dir, taps, incoming))
+        .args(vmm_args(def, run_dir, taps, incoming, seed))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(vmm_log))

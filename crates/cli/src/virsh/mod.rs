@@ -437,6 +437,9 @@ pub struct RunArgs {
     /// sys_nice: real-time vCPU threads (libvirt's vcpusched fifo:1).
     #[arg(long, value_name = "CAP")]
     cap_add: Vec<String>,
+    /// A cloud-init seed disk: user-data=PATH[,meta-data=PATH][,network-config=PATH][,vendor-data=PATH] (virt-install's keys).
+    #[arg(long, value_name = "SPEC")]
+    cloud_init: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -931,6 +934,7 @@ fn run_domain(a: RunArgs) -> anyhow::Result<()> {
         networks: a.network,
         rng: a.rng,
         cap_add: a.cap_add,
+        cloud_init: a.cloud_init,
     }
     .into_definition()?;
     let text = def.to_toml()?;
