@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             Command::Lb(args) => lb::run(args),
             Command::Vmm(args) => vmm::run(args),
             Command::Daemon(args) => daemon::run(args),
-        Command::CloudLocalds(args) => cloud_localds::run(args),
+            Command::CloudLocalds(args) => cloud_localds::run(args),
             Command::Virsh(verb) => virsh::run(verb),
         },
     };
