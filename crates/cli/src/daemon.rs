@@ -95,7 +95,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             .parse()
             .with_context(|| format!("--network-address {address}"))?;
     }
-    let network = (!args.no_default_network).then_some(network);
+    // A user cannot make bridges or NAT rules: a session daemon starts
+    // without a default network, as libvirt's qemu:///session does.
+    let network = (!args.no_default_network && mode == Mode::System).then_some(network);
     let remote = match args.listen {
         Some(listen) => Some(RemoteListen {
             addr: daemon::remote::parse_listen(&listen)?,
