@@ -42,7 +42,9 @@ enum Command {
 fn main() -> ExitCode {
     let result = match vmm::args_alone() {
         Some(args) => vmm::run(args),
-        None => match Cli::parse().command {
+        None => match Cli::parse_from(virsh::connect_after_verb(std::env::args_os().collect()))
+            .command
+        {
             Command::Img(args) => img::run(args),
             Command::Lb(args) => lb::run(args),
             Command::Vmm(args) => vmm::run(args),

@@ -142,7 +142,9 @@ impl Session {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.cli(&["list", "--all"]).status.success() {
+        // virsh's habit: the URI before the verb.
+        let list = ["--connect", "oxvirt:///session", "list", "--all"];
+        while !self.command(&list).output().unwrap().status.success() {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("session oxvirtd exited ({status}): {}", self.log());
             }

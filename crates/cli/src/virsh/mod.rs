@@ -5,6 +5,7 @@ mod console;
 mod net;
 mod print;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,6 +34,23 @@ pub struct Connect {
     /// The CA certificate an oxvirt+tls:// daemon's certificate must be signed by (default: $OXVIRT_CA_FILE).
     #[arg(long, value_name = "FILE")]
     ca_file: Option<PathBuf>,
+}
+
+/// virsh takes `-c URI`/`--connect URI` before the verb (`virsh -c
+/// qemu:///system list`); ours is an option of each verb, so a leading one
+/// moves to just after the verb. Other arguments are left as they are.
+pub fn connect_after_verb(mut args: Vec<OsString>) -> Vec<OsString> {
+    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+        return args;
+    };
+    let taken = match first {
+        "-c" | "--connect" if args.len() > 3 => 2,
+        _ if first.starts_with("--connect=") && args.len() > 2 => 1,
+        _ => return args,
+    };
+    let connect: Vec<OsString> = args.drain(1..1 + taken).collect();
+    args.splice(2..2, connect);
+    args
 }
 
 impl Connect {
@@ -941,4 +959,41 @@ fn run_domain(a: RunArgs) -> anyhow::Result<()> {
     let info = wait(a.connect.client()?.run(&text, transient))?;
     println!("{}", info.name);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_after_verb;
+
+    fn moved(args: &[&str]) -> Vec<String> {
+        let args = args.iter().map(Into::into).collect();
+        connect_after_verb(args)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_leading_connect_moves_after_the_verb() {
+        assert_eq!(
+            moved(&["oxvirt", "-c", "oxvirt:///session", "list", "--all"]),
+            ["oxvirt", "list", "-c", "oxvirt:///session", "--all"]
+        );
+        assert_eq!(
+            moved(&["oxvirt", "--connect=/s.sock", "start", "web"]),
+            ["oxvirt", "start", "--connect=/s.sock", "web"]
+        );
+    }
+
+    #[test]
+    fn other_arguments_are_left_alone() {
+        for args in [
+            &["oxvirt", "list", "-c", "/s.sock"][..],
+            &["oxvirt", "img", "info", "-c", "x"],
+            &["oxvirt", "-c", "/s.sock"],
+            &["oxvirt"],
+        ] {
+            assert_eq!(moved(args), args);
+        }
+    }
 }
