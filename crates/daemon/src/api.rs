@@ -209,13 +209,14 @@ async fn list(State(m): State<Manager>, RawQuery(q): RawQuery) -> ApiResult {
     ok(m.list(flag(&q, "all")?))
 }
 
+/// `define` and `net-define`: a definition's text and where it came from.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DefineRequest {
-    config: String,
+pub(crate) struct DefineRequest {
+    pub(crate) config: String,
     /// The file name the text came from, for error messages.
     #[serde(default)]
-    origin: Option<String>,
+    pub(crate) origin: Option<String>,
 }
 
 async fn define(

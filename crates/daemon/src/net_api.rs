@@ -11,7 +11,7 @@ use hyper::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{body, flag, ok, ApiError, ApiResult, ErrorBody};
+use crate::api::{body, flag, ok, ApiError, ApiResult, DefineRequest, ErrorBody};
 use crate::client::{Client, ClientError};
 use crate::devices::nic_id;
 use crate::manager::Manager;
@@ -73,15 +73,6 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 async fn list(State(m): State<Manager>, RawQuery(q): RawQuery) -> ApiResult {
     let all = flag(&q, "all")?;
     blocking(m, move |n| n.list(all)).await
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DefineRequest {
-    config: String,
-    /// The file name the text came from, for error messages.
-    #[serde(default)]
-    origin: Option<String>,
 }
 
 async fn define(

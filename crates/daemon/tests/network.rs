@@ -11,34 +11,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{oxvirt_bin, Daemon};
 use host::net::{Links, NetNs};
-
-struct Namespaces(Vec<NetNs>);
-
-impl Namespaces {
-    fn add(&mut self, role: &str) -> NetNs {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let ns = NetNs::create(&format!("oxvirt-nt{}-{n}-{role}", std::process::id()))
-            .expect("create netns");
-        self.0.push(ns.clone());
-        ns
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            if let Err(e) = ns.delete() {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
+use testkit::Namespaces;
 
 fn prerequisites() -> bool {
     testkit::require_root()
@@ -120,7 +97,7 @@ fn heavy_default_network_and_a_defined_one_lease_addresses_to_udhcpc() {
     if !prerequisites() {
         return;
     }
-    let mut nss = Namespaces(Vec::new());
+    let mut nss = Namespaces::default();
     let dns = nss.add("daemon");
     let mut d = Daemon::start_with(
         &[
@@ -242,7 +219,7 @@ fn heavy_bad_network_definitions_and_verbs_are_refused() {
     if !prerequisites() {
         return;
     }
-    let mut nss = Namespaces(Vec::new());
+    let mut nss = Namespaces::default();
     let dns = nss.add("daemon");
     let d = Daemon::start_with(
         &[
@@ -369,7 +346,7 @@ fn heavy_probe_guests_get_their_addresses_from_our_dhcp_server() {
     if !common::prerequisites() {
         return;
     }
-    let mut nss = Namespaces(Vec::new());
+    let mut nss = Namespaces::default();
     let dns = nss.add("daemon");
     let d = Daemon::start_with(
         &[

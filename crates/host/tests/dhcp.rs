@@ -7,35 +7,12 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use host::net::dhcp::{opt, DhcpConfig, DhcpServer, MessageType, Packet, StaticHost, BOOTREPLY};
 use host::net::{Links, NetNs};
+use testkit::Namespaces;
 
 const BRIDGE: &str = "dhbr0";
-
-struct Namespaces(Vec<NetNs>);
-
-impl Namespaces {
-    fn add(&mut self, role: &str) -> NetNs {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let ns = NetNs::create(&format!("oxvirt-dh{}-{n}-{role}", std::process::id()))
-            .expect("create netns");
-        self.0.push(ns.clone());
-        ns
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            if let Err(e) = ns.delete() {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
 
 fn prerequisites() -> bool {
     testkit::require_root()
@@ -167,7 +144,7 @@ fn heavy_udhcpc_gets_a_lease_a_static_address_and_keeps_them_across_a_restart() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut nss = Namespaces(Vec::new());
+    let mut nss = Namespaces::default();
     let server_ns = nss.add("srv");
     let links = Links::in_netns(&server_ns);
     links.add_bridge(BRIDGE).unwrap();

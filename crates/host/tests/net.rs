@@ -4,37 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use host::net::{Links, Nat, NatConfig, NatNetwork, NetError, NetNs, Tap, TapConfig};
-
-struct Namespaces(Vec<NetNs>);
-
-impl Namespaces {
-    fn new() -> Option<Self> {
-        testkit::require_root().then(|| Namespaces(Vec::new()))
-    }
-
-    fn add(&mut self, role: &str) -> NetNs {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let ns = NetNs::create(&format!("oxvirt-t{}-{n}-{role}", std::process::id()))
-            .expect("create netns");
-        self.0.push(ns.clone());
-        ns
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            if let Err(e) = ns.delete() {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
-}
+use testkit::Namespaces;
 
 fn up_with_address(links: &Links, name: &str, cidr: &str) {
     links.add_address(name, cidr.parse().unwrap()).unwrap();
@@ -63,7 +36,7 @@ fn connect_and_see_source(ns: &NetNs, listener: &TcpListener) -> Result<SocketAd
 
 #[test]
 fn tap_in_a_namespace_answers_arp_through_its_file() {
-    let Some(mut spaces) = Namespaces::new() else {
+    let Some(mut spaces) = testkit::require_root().then(Namespaces::default) else {
         return;
     };
     let ns = spaces.add("tap");
@@ -140,7 +113,7 @@ fn read_frame_until(tap: &Tap, timeout: Duration, want: impl Fn(&[u8]) -> bool) 
 
 #[test]
 fn persistent_tap_outlives_its_file_and_keeps_its_owner() {
-    let Some(mut spaces) = Namespaces::new() else {
+    let Some(mut spaces) = testkit::require_root().then(Namespaces::default) else {
         return;
     };
     let ns = spaces.add("ptap");
@@ -168,7 +141,7 @@ fn persistent_tap_outlives_its_file_and_keeps_its_owner() {
 
 #[test]
 fn bridge_and_veth_connect_two_namespaces() {
-    let Some(mut spaces) = Namespaces::new() else {
+    let Some(mut spaces) = testkit::require_root().then(Namespaces::default) else {
         return;
     };
     let (a, b) = (spaces.add("a"), spaces.add("b"));
@@ -206,7 +179,7 @@ fn bridge_and_veth_connect_two_namespaces() {
 /// guest (192.168.100.10) -- br0 [router: NAT] uplink (10.200.0.2) -- outside (10.200.0.1)
 #[test]
 fn heavy_nat_network_masquerades_guest_traffic_until_removed() {
-    let Some(mut spaces) = Namespaces::new() else {
+    let Some(mut spaces) = testkit::require_root().then(Namespaces::default) else {
         return;
     };
     if !testkit::require(
@@ -290,7 +263,7 @@ fn heavy_nat_network_masquerades_guest_traffic_until_removed() {
 
 #[test]
 fn bad_input_names_what_is_wrong() {
-    let Some(mut spaces) = Namespaces::new() else {
+    let Some(mut spaces) = testkit::require_root().then(Namespaces::default) else {
         return;
     };
     let ns = spaces.add("bad");

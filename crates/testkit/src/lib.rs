@@ -1,14 +1,17 @@
 //! Test support shared by the workspace's integration tests.
 //!
 //! One place for: where built artifacts and peer programs live, the rule for
-//! skipping a test whose prerequisite is missing, free ports, and parsing the
+//! skipping a test whose prerequisite is missing, free ports, network
+//! namespaces, and parsing the
 //! probe guest's output.
 
+mod netns;
 mod paths;
 mod probe;
 mod qemu;
 mod skip;
 
+pub use netns::Namespaces;
 pub use paths::{peer_dir, probe_binary, target_dir, workspace_root};
 pub use probe::{ProbeOutput, ProbeResult};
 pub use qemu::{
