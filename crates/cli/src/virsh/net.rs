@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use daemon::network::{InterfaceAddresses, LeaseInfo, NetworkInfo, NetworkSummary};
 
+use super::print::utc_time;
 use super::{wait, Connect, Dom};
 
 /// The network a verb acts on: `NET` or virsh's `--network NET`.
@@ -239,27 +240,6 @@ fn print_addresses(nics: &[InterfaceAddresses]) {
             println!(" {:<10} {:<20} {:<12} {address}", nic.name, nic.mac, "ipv4");
         }
     }
-}
-
-/// `2026-11-23 05:40:09` (UTC) from Unix seconds.
-fn utc_time(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]

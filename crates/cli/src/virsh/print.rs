@@ -134,9 +134,13 @@ pub fn snapshots(list: &[SnapshotInfo]) {
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS +0000`.
 fn utc(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil-from-days.
+    format!("{} +0000", utc_time(secs))
+}
+
+/// `2026-11-23 05:40:09` (UTC) from Unix seconds.
+pub(super) fn utc_time(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -147,9 +151,9 @@ fn utc(secs: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
         rem / 3600,
-        rem % 3600 / 60,
+        rem / 60 % 60,
         rem % 60
     )
 }
