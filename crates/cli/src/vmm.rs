@@ -79,6 +79,15 @@ pub fn args_alone() -> Option<Args> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    // Logs go to stderr: warnings by default, OXVIRT_LOG or RUST_LOG (a
+    // `tracing` filter such as `vmm=debug`) for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OXVIRT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let from_file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
