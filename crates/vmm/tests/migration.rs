@@ -505,59 +505,74 @@ fn heavy_auto_converge_throttles_and_completes() {
     );
 }
 
+/// Decides per chunk of a connection's forward stream (connection number
+/// in accept order, offset, bytes) whether to pass it on or cut the connection.
+type Tamper = Arc<dyn Fn(usize, u64, &mut [u8]) -> bool + Send + Sync>;
+
 /// A unix proxy between source and destination that applies `tamper` to
-/// the forward stream: it returns false to cut the connection.
-fn tampering_proxy(
-    dir: &Path,
-    dest: &MigrationUri,
-    mut tamper: impl FnMut(u64, &mut [u8]) -> bool + Send + 'static,
-) -> MigrationUri {
+/// the forward stream of every connection it accepts.
+fn tampering_proxy(dir: &Path, dest: &MigrationUri, tamper: Tamper) -> MigrationUri {
     let path = dir.join("proxy.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let MigrationUri::Unix(dest_path) = dest.clone() else {
         panic!("unix destination expected")
     };
     std::thread::spawn(move || {
-        let (mut src, _) = listener.accept().unwrap();
-        let mut dst = UnixStream::connect(dest_path).unwrap();
-        let (mut src_back, mut dst_back) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut dst_back, &mut src_back);
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        let mut offset = 0u64;
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if !tamper(offset, &mut buf[..n]) || dst.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            offset += n as u64;
+        for (conn, src) in listener.incoming().enumerate() {
+            let Ok(src) = src else { return };
+            let dst = UnixStream::connect(&dest_path).unwrap();
+            let tamper = tamper.clone();
+            std::thread::spawn(move || forward(conn, src, dst, &*tamper));
         }
-        let _ = src.shutdown(std::net::Shutdown::Both);
-        let _ = dst.shutdown(std::net::Shutdown::Both);
     });
     MigrationUri::Unix(path)
 }
 
+fn forward(
+    conn: usize,
+    mut src: UnixStream,
+    mut dst: UnixStream,
+    tamper: &(dyn Fn(usize, u64, &mut [u8]) -> bool + Send + Sync),
+) {
+    let (mut src_back, mut dst_back) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut dst_back, &mut src_back);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut offset = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !tamper(conn, offset, &mut buf[..n]) || dst.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        offset += n as u64;
+    }
+    let _ = src.shutdown(std::net::Shutdown::Both);
+    let _ = dst.shutdown(std::net::Shutdown::Both);
+}
+
 fn failed_migration(
-    tamper: impl FnMut(u64, &mut [u8]) -> bool + Send + 'static,
+    tamper: impl Fn(u64, &mut [u8]) -> bool + Send + Sync + 'static,
 ) -> (String, String) {
+    failed_migration_with(
+        Capabilities::default(),
+        Arc::new(move |_, offset, buf| tamper(offset, buf)),
+    )
+}
+
+/// A migration through `tampering_proxy` that must fail: checks that the
+/// source runs on as before; returns both sides' errors.
+fn failed_migration_with(caps: Capabilities, tamper: Tamper) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let (dest_uri, dest) = start_destination(&format!("unix:{}/dest.sock", dir.path().display()));
     let uri = tampering_proxy(dir.path(), &dest_uri, tamper);
     let mut vm = TestVm::new();
     let before = snapshot(&vm.memory);
     let control = MigrationControl::default();
-    let (result, _) = run_migration(
-        &mut vm,
-        &uri,
-        Capabilities::default(),
-        Parameters::default(),
-        &control,
-    );
+    let (result, _) = run_migration(&mut vm, &uri, caps, Parameters::default(), &control);
     let source_err = result.unwrap_err().to_string();
     assert_eq!(control.info().status, MigrationStatus::Failed);
     assert_eq!(
@@ -589,6 +604,55 @@ fn heavy_killed_connection_fails_both_sides_and_the_source_keeps_running() {
     let (source_err, dest_err) = failed_migration(|offset, _| offset < 2_000_000);
     assert!(dest_err.contains("truncated"), "{dest_err}");
     eprintln!("source: {source_err}\ndestination: {dest_err}");
+}
+
+#[test]
+fn heavy_multifd_channel_cut_midway_fails_cleanly_and_the_source_keeps_running() {
+    let caps = Capabilities {
+        multifd: true,
+        ..Capabilities::default()
+    };
+    // Connections in order: main, channel 1, channel 2; channel 2 is cut
+    // after 1 MiB of its pages.
+    let (source_err, dest_err) = failed_migration_with(
+        caps,
+        Arc::new(|conn, offset, _| conn != 2 || offset < 1 << 20),
+    );
+    eprintln!("source: {source_err}\ndestination: {dest_err}");
+    assert!(source_err.contains("multifd channel"), "{source_err}");
+    assert!(dest_err.contains("truncated"), "{dest_err}");
+}
+
+#[test]
+fn heavy_multifd_cancel_midway_leaves_the_source_running() {
+    let (uri, dest) = start_destination("tcp:127.0.0.1:0");
+    let mut vm = TestVm::new();
+    let control = Arc::new(MigrationControl::default());
+    let writer = start_writer(&vm, control.clone(), 400);
+    let control2 = control.clone();
+    let canceller = std::thread::spawn(move || {
+        while control2.info().ram.map_or(0, |r| r.dirty_sync_count) < 2 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        control2.cancel();
+    });
+    let caps = Capabilities {
+        multifd: true,
+        ..Capabilities::default()
+    };
+    let params = Parameters {
+        multifd_channels: 3,
+        ..hard_to_converge()
+    };
+    let (result, _) = run_migration(&mut vm, &uri, caps, params, &control);
+    canceller.join().unwrap();
+    assert!(matches!(result, Err(SourceError::Cancelled)), "{result:?}");
+    assert_eq!(control.info().status, MigrationStatus::Cancelled);
+    assert!(!vm.logging && !vm.gate.paused.load(Ordering::SeqCst));
+    let before = writer.writes.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(writer.stop() > before, "the writer runs after cancel");
+    assert!(dest.join().unwrap().1.is_err(), "the destination fails");
 }
 
 #[test]

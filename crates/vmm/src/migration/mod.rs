@@ -6,8 +6,10 @@
 //! bitmaps, pause/resume and state blobs through [`source::MigratableVm`].
 
 pub mod destination;
+mod multifd;
 pub(crate) mod pagemap;
 pub mod params;
+mod sender;
 pub mod source;
 pub mod stream;
 pub mod transport;

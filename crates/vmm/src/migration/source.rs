@@ -7,24 +7,18 @@
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Mutex;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::GuestMemory;
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::pagemap::{Pagemap, CHUNK_PAGES};
-use super::params::{
-    Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError, RamStats, XbzrleStats,
-};
-use super::stream::{
-    encode_blob, PageData, RamBatch, SectionKind, Setup, StreamError, StreamWriter,
-};
+use super::multifd::{Channels, Connection};
+use super::params::{Capabilities, MigrationInfo, MigrationStatus, Parameters, ParamsError};
+use super::sender::{PageSender, Progress, Work, Xbzrle};
+use super::stream::{encode_blob, SectionKind, Setup, StreamError, StreamWriter};
 use super::transport::{Interrupt, MigrationUri, Outgoing, TransportError};
-use super::xbzrle::{Encoder, Outcome};
 use super::PAGE_SIZE;
 
 /// An error the VMM reports through [`MigratableVm`].
@@ -117,7 +111,7 @@ impl MigrationControl {
         });
     }
 
-    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+    pub(super) fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
         f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
@@ -135,7 +129,7 @@ impl MigrationControl {
         }
     }
 
-    fn cancelled(&self) -> bool {
+    pub(super) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 
@@ -198,52 +192,6 @@ impl AutoConverge {
                 .saturating_add(params.cpu_throttle_increment)
                 .min(params.max_cpu_throttle)
         })
-    }
-}
-
-/// Bandwidth: measured over 100 ms windows, capped at max-bandwidth.
-struct RateMeter {
-    limit: f64,
-    window_start: Instant,
-    window_bytes: u64,
-    window_pages: u64,
-    rate: Option<f64>,
-    pages_per_second: u64,
-}
-
-const WINDOW: Duration = Duration::from_millis(100);
-
-impl RateMeter {
-    fn new(limit: u64) -> Self {
-        RateMeter {
-            limit: limit as f64,
-            window_start: Instant::now(),
-            window_bytes: 0,
-            window_pages: 0,
-            rate: None,
-            pages_per_second: 0,
-        }
-    }
-
-    /// Accounts sent bytes; sleeps while above the limit.
-    fn account(&mut self, bytes: u64, pages: u64) {
-        self.window_bytes += bytes;
-        self.window_pages += pages;
-        let due =
-            self.window_start + Duration::from_secs_f64(self.window_bytes as f64 / self.limit);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let elapsed = self.window_start.elapsed();
-        if elapsed >= WINDOW {
-            let secs = elapsed.as_secs_f64();
-            self.rate = Some(self.window_bytes as f64 / secs);
-            self.pages_per_second = (self.window_pages as f64 / secs) as u64;
-            self.window_start = Instant::now();
-            self.window_bytes = 0;
-            self.window_pages = 0;
-        }
     }
 }
 
@@ -326,37 +274,24 @@ impl Switchover {
     }
 }
 
-/// A multifd channel: a thread writing page sections to its connection.
-struct MultifdChannel {
-    tx: SyncSender<Vec<u8>>,
-    thread: JoinHandle<Result<(), StreamError>>,
-}
-
-/// The RAM page channels: the main stream, or the multifd connections.
-enum PageChannels {
+/// The RAM page senders: the main thread's on the one connection, or the
+/// multifd channel threads.
+enum Pages<'scope> {
     Main,
-    Multifd(Vec<MultifdChannel>),
+    Multifd(Channels<'scope>),
 }
 
-/// Pages per shard: a page always travels on the same multifd channel, so
-/// its versions arrive in order.
-const SHARD_PAGES: u64 = 64;
-
-struct Engine<'a> {
+struct Engine<'a, 'scope> {
     vm: &'a mut dyn MigratableVm,
+    /// The same RAM as `vm.memory()`, for the senders while `vm` syncs.
+    memory: GuestMemory,
     caps: Capabilities,
     params: Parameters,
     control: &'a MigrationControl,
     events: Events<'a>,
-    main: StreamWriter<Box<dyn Write + Send>>,
-    channels: PageChannels,
-    batches: Vec<RamBatch>,
-    xbzrle: Option<Encoder>,
-    meter: RateMeter,
-    ram: RamStats,
-    page: Vec<u8>,
-    /// Pages of the current pass not sent yet.
-    pending: u64,
+    progress: &'a Progress<'a>,
+    main: PageSender<Box<dyn Write + Send>>,
+    pages: Pages<'scope>,
 }
 
 fn count_pages(bitmap: &DirtyBitmap) -> u64 {
@@ -376,7 +311,7 @@ fn merge(into: &mut DirtyBitmap, other: DirtyBitmap) {
     }
 }
 
-impl<'a> Engine<'a> {
+impl Engine<'_, '_> {
     fn set_status(&self, status: MigrationStatus) {
         self.control.update(|i| i.status = status);
         if self.caps.events {
@@ -384,207 +319,30 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn check_cancel(&self) -> Result<(), SourceError> {
-        if self.control.cancelled() {
-            return Err(SourceError::Cancelled);
+    /// Sends one pass on the main connection or the multifd channels.
+    fn pass(&mut self, pages: u64, work: Work) -> Result<(), SourceError> {
+        self.progress.start_pass(pages);
+        match &mut self.pages {
+            Pages::Main => {
+                let sync = self.progress.ram().dirty_sync_count;
+                self.main.run(&self.memory, &work, self.progress, sync)
+            }
+            Pages::Multifd(channels) => channels.pass(work),
         }
-        Ok(())
     }
 
-    /// The first pass: every page; pages nobody touched go as zero unread.
+    /// The first pass: every page.
     fn send_bulk(&mut self) -> Result<(), SourceError> {
-        let regions: Vec<(u64, u64)> = (self.vm.memory().iter())
+        let regions: Vec<(u64, u64)> = (self.memory.iter())
             .map(|r| (r.start_addr().0, r.len() / PAGE_SIZE as u64))
             .collect();
-        self.pending = regions.iter().map(|(_, pages)| pages).sum();
-        let mut pagemap = Pagemap::open();
-        let mut untouched = Vec::with_capacity(CHUNK_PAGES);
-        for (start, pages) in regions {
-            let mut done = 0;
-            while done < pages {
-                let count = (pages - done).min(CHUNK_PAGES as u64) as usize;
-                let first = start + done * PAGE_SIZE as u64;
-                pagemap.untouched(self.vm.memory(), first, count, &mut untouched);
-                for (i, &untouched) in untouched.iter().enumerate() {
-                    let addr = first + (i * PAGE_SIZE) as u64;
-                    if untouched {
-                        self.send_zero(addr)?;
-                    } else {
-                        self.send_page(addr, true)?;
-                    }
-                    self.pending -= 1;
-                }
-                done += count as u64;
-            }
-        }
-        self.flush_all()
+        let pages = regions.iter().map(|(_, pages)| pages).sum();
+        self.pass(pages, Work::Bulk(Arc::new(regions)))
     }
 
     /// Sends every page set in `bitmap`.
-    fn send_dirty(&mut self, bitmap: &DirtyBitmap) -> Result<(), SourceError> {
-        self.pending = count_pages(bitmap);
-        for (base, words) in bitmap {
-            for (wi, &word) in words.iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    let bit = u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    let addr = base + (wi as u64 * 64 + bit) * PAGE_SIZE as u64;
-                    self.send_page(addr, false)?;
-                    self.pending -= 1;
-                }
-            }
-        }
-        self.flush_all()
-    }
-
-    /// The batch (channel) a page travels in.
-    fn channel_of(&self, addr: u64) -> usize {
-        match &self.channels {
-            PageChannels::Main => 0,
-            PageChannels::Multifd(c) => {
-                ((addr / PAGE_SIZE as u64 / SHARD_PAGES) % c.len() as u64) as usize
-            }
-        }
-    }
-
-    fn send_zero(&mut self, addr: u64) -> Result<(), SourceError> {
-        let channel = self.channel_of(addr);
-        self.ram.duplicate += 1;
-        self.batches[channel].push_zero(addr);
-        self.flush_if_full(channel)
-    }
-
-    fn send_page(&mut self, addr: u64, bulk: bool) -> Result<(), SourceError> {
-        let channel = self.channel_of(addr);
-        let memory = self.vm.memory();
-        let read_err = |e: vm_memory::GuestMemoryError| SourceError::Memory {
-            addr,
-            problem: e.to_string(),
-        };
-        let Some(xbzrle) = self.xbzrle.as_mut().filter(|_| !bulk) else {
-            // Read straight into the batch: a guest write racing with the
-            // copy dirties the page again, so it is sent again.
-            let zero = self.batches[channel]
-                .push_read(addr, |buf| memory.read_slice(buf, GuestAddress(addr)))
-                .map_err(read_err)?;
-            if zero {
-                self.ram.duplicate += 1;
-            } else {
-                self.ram.normal += 1;
-                self.ram.normal_bytes += PAGE_SIZE as u64;
-            }
-            return self.flush_if_full(channel);
-        };
-        // A private copy: the cache must hold exactly what was sent.
-        memory
-            .read_slice(&mut self.page, GuestAddress(addr))
-            .map_err(read_err)?;
-        if super::is_zero(&self.page) {
-            xbzrle.zero_page(addr);
-            self.ram.duplicate += 1;
-            self.batches[channel].push_zero(addr);
-            return self.flush_if_full(channel);
-        }
-        match xbzrle.save_page(addr, &self.page, self.ram.dirty_sync_count) {
-            Outcome::Unchanged => {}
-            Outcome::Encoded => {
-                self.batches[channel].push(addr, &PageData::Xbzrle(xbzrle.encoded()));
-            }
-            Outcome::Full => {
-                self.ram.normal += 1;
-                self.ram.normal_bytes += PAGE_SIZE as u64;
-                self.batches[channel].push(addr, &PageData::Full(&self.page));
-            }
-        }
-        self.flush_if_full(channel)
-    }
-
-    fn flush_if_full(&mut self, channel: usize) -> Result<(), SourceError> {
-        if self.batches[channel].is_full() {
-            self.flush(channel)?;
-        }
-        Ok(())
-    }
-
-    fn flush_all(&mut self) -> Result<(), SourceError> {
-        for channel in 0..self.batches.len() {
-            self.flush(channel)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, channel: usize) -> Result<(), SourceError> {
-        self.check_cancel()?;
-        if self.batches[channel].is_empty() {
-            return Ok(());
-        }
-        let pages = self.batches[channel].pages() as u64;
-        let payload = self.batches[channel].take();
-        let bytes = match &self.channels {
-            PageChannels::Main => {
-                let size = self.main.section(SectionKind::Ram, &payload)?;
-                self.batches[channel].recycle(payload);
-                size
-            }
-            PageChannels::Multifd(c) => {
-                let size = payload.len() as u64 + 9;
-                if c[channel].tx.send(payload).is_err() {
-                    return Err(self.multifd_failure(channel));
-                }
-                size
-            }
-        };
-        self.ram.transferred += bytes;
-        self.meter.account(bytes, pages);
-        self.publish();
-        Ok(())
-    }
-
-    /// The error of a multifd thread that stopped taking batches.
-    fn multifd_failure(&mut self, channel: usize) -> SourceError {
-        let PageChannels::Multifd(channels) =
-            std::mem::replace(&mut self.channels, PageChannels::Main)
-        else {
-            return SourceError::Multifd {
-                channel,
-                problem: "not a multifd migration".into(),
-            };
-        };
-        let mut problem = "channel closed".to_string();
-        for (i, c) in channels.into_iter().enumerate() {
-            drop(c.tx);
-            if let (true, Ok(Err(e))) = (i == channel, c.thread.join()) {
-                problem = e.to_string();
-            }
-        }
-        SourceError::Multifd { channel, problem }
-    }
-
-    /// Ends every multifd channel and waits for its thread.
-    fn finish_multifd(&mut self) -> Result<(), SourceError> {
-        let PageChannels::Multifd(channels) =
-            std::mem::replace(&mut self.channels, PageChannels::Main)
-        else {
-            return Ok(());
-        };
-        let mut result = Ok(());
-        for (channel, c) in channels.into_iter().enumerate() {
-            drop(c.tx);
-            let outcome = c.thread.join().unwrap_or_else(|_| {
-                Err(StreamError::Truncated {
-                    offset: 0,
-                    what: "multifd thread panicked".into(),
-                })
-            });
-            if let (Err(e), Ok(())) = (outcome, &result) {
-                result = Err(SourceError::Multifd {
-                    channel,
-                    problem: e.to_string(),
-                });
-            }
-        }
-        result
+    fn send_dirty(&mut self, bitmap: DirtyBitmap) -> Result<(), SourceError> {
+        self.pass(count_pages(&bitmap), Work::Dirty(Arc::new(bitmap)))
     }
 
     /// Bytes per second the link takes: the better of the last pass's
@@ -592,84 +350,56 @@ impl<'a> Engine<'a> {
     /// that cost no bytes, so both are lower bounds), else the average.
     fn bandwidth(&self, pass: &PassSent, active_since: Instant) -> f64 {
         let pass_rate = pass.bytes as f64 / pass.time.as_secs_f64().max(1e-4);
-        let rate = pass_rate.max(self.meter.rate.unwrap_or(0.0));
+        let rate = pass_rate.max(self.progress.rate().unwrap_or(0.0));
         if rate > 0.0 {
             rate
         } else {
-            (self.ram.transferred as f64 / active_since.elapsed().as_secs_f64().max(1e-3)).max(1.0)
+            let transferred = self.progress.ram().transferred;
+            (transferred as f64 / active_since.elapsed().as_secs_f64().max(1e-3)).max(1.0)
         }
-    }
-
-    fn publish(&self) {
-        let mut ram = self.ram;
-        ram.remaining = self.pending * PAGE_SIZE as u64;
-        ram.pages_per_second = self.meter.pages_per_second;
-        let xbzrle = self.xbzrle.as_ref().map(|x| {
-            let c = x.counters;
-            XbzrleStats {
-                cache_size: self.params.xbzrle_cache_size,
-                bytes: c.bytes,
-                pages: c.pages,
-                cache_miss: c.cache_miss,
-                cache_miss_rate: if c.lookups == 0 {
-                    0.0
-                } else {
-                    c.cache_miss as f64 / c.lookups as f64
-                },
-                encoding_rate: if c.bytes == 0 {
-                    0.0
-                } else {
-                    (c.pages * PAGE_SIZE as u64) as f64 / c.bytes as f64
-                },
-                overflow: c.overflow,
-            }
-        });
-        let throttle = self.control.throttle_percentage();
-        self.control.update(|i| {
-            i.ram = Some(ram);
-            i.xbzrle_cache = xbzrle;
-            i.cpu_throttle_percentage = (throttle > 0).then_some(throttle);
-        });
     }
 
     /// The pre-copy loop; returns the dirty pages not sent yet.
     fn iterate(&mut self) -> Result<DirtyBitmap, SourceError> {
         let active_since = Instant::now();
         let mut last_sync = active_since;
-        let mut pass = Pass::start(self.ram.transferred);
+        let mut pass = Pass::start(self.progress.ram().transferred);
         self.send_bulk()?;
         let mut auto = AutoConverge::default();
         let mut switchover = Switchover::default();
         loop {
-            let sent = pass.end(self.ram.transferred);
+            let sent = pass.end(self.progress.ram().transferred);
             let dirty = self
                 .vm
                 .take_dirty_pages()
                 .map_err(vm_err("syncing the dirty bitmap"))?;
-            self.ram.dirty_sync_count += 1;
             let dirty_pages = count_pages(&dirty);
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
-            self.ram.dirty_pages_rate = (dirty_pages as f64 / period) as u64;
             last_sync = Instant::now();
             let bandwidth = self.bandwidth(&sent, active_since);
-            self.ram.mbps = bandwidth * 8.0 / 1e6;
             let remaining = dirty_pages * PAGE_SIZE as u64;
             let expected_ms = remaining as f64 / bandwidth * 1000.0;
+            let dirty_pages_rate = (dirty_pages as f64 / period) as u64;
             self.control
                 .update(|i| i.expected_downtime = Some(expected_ms as u64));
-            self.pending = dirty_pages;
-            self.publish();
+            self.progress.start_pass(dirty_pages);
+            self.progress.update(|ram| {
+                ram.dirty_sync_count += 1;
+                ram.dirty_pages_rate = dirty_pages_rate;
+                ram.mbps = bandwidth * 8.0 / 1e6;
+            });
+            let sync_count = self.progress.ram().dirty_sync_count;
             if self.caps.events {
-                (self.events)("MIGRATION_PASS", json!({"pass": self.ram.dirty_sync_count}));
+                (self.events)("MIGRATION_PASS", json!({"pass": sync_count}));
             }
             let decision = switchover.decide(
                 expected_ms,
                 self.params.downtime_limit as f64,
                 dirty_pages,
-                self.ram.dirty_pages_rate as f64 * expected_ms / 1000.0,
+                dirty_pages_rate as f64 * expected_ms / 1000.0,
             );
             tracing::debug!(
-                pass = self.ram.dirty_sync_count,
+                pass = sync_count,
                 dirty_pages,
                 pass_bytes = sent.bytes,
                 pass_ms = sent.time.as_secs_f64() * 1000.0,
@@ -688,8 +418,8 @@ impl<'a> Engine<'a> {
                     self.control.throttle.store(t, Ordering::Relaxed);
                 }
             }
-            pass = Pass::start(self.ram.transferred);
-            self.send_dirty(&dirty)?;
+            pass = Pass::start(self.progress.ram().transferred);
+            self.send_dirty(dirty)?;
         }
     }
 
@@ -701,28 +431,28 @@ impl<'a> Engine<'a> {
             .take_dirty_pages()
             .map_err(vm_err("syncing the dirty bitmap"))?;
         merge(&mut rest, last);
-        self.ram.dirty_sync_count += 1;
+        self.progress.update(|ram| ram.dirty_sync_count += 1);
         let t_sync = t0.elapsed();
         let final_pages = count_pages(&rest);
-        // As QEMU: the guest is stopped, the rest goes at full speed.
-        self.meter.limit = f64::INFINITY;
-        self.send_dirty(&rest)?;
-        self.finish_multifd()?;
+        self.progress.unlimit();
+        self.send_dirty(rest)?;
+        if let Pages::Multifd(channels) = std::mem::replace(&mut self.pages, Pages::Main) {
+            channels.finish()?;
+        }
         let t_send = t0.elapsed();
         let state = self
             .vm
             .save_state()
             .map_err(vm_err("saving vCPU and device state"))?;
+        let main = self.main.stream();
         for (index, blob) in state.vcpus.iter().enumerate() {
-            self.main
-                .section(SectionKind::Vcpu, &encode_blob(&index.to_string(), blob))?;
+            main.section(SectionKind::Vcpu, &encode_blob(&index.to_string(), blob))?;
         }
         for (name, blob) in &state.devices {
-            self.main
-                .section(SectionKind::Device, &encode_blob(name, blob))?;
+            main.section(SectionKind::Device, &encode_blob(name, blob))?;
         }
-        self.main.section(SectionKind::End, &[])?;
-        self.main.flush()?;
+        main.section(SectionKind::End, &[])?;
+        main.flush()?;
         tracing::debug!(
             final_pages,
             sync_us = t_sync.as_micros() as u64,
@@ -730,9 +460,33 @@ impl<'a> Engine<'a> {
             state_us = t0.elapsed().as_micros() as u64,
             "migration final stage"
         );
-        self.pending = 0;
-        self.publish();
+        self.progress.start_pass(0);
+        self.progress.publish();
         Ok(())
+    }
+
+    /// Everything from the first pass to the end of stream; `paused` is
+    /// set once the vCPUs are stopped.
+    fn run(&mut self, paused: &mut bool) -> Result<Instant, SourceError> {
+        self.set_status(MigrationStatus::Active);
+        let rest = self.iterate()?;
+        self.set_status(MigrationStatus::Device);
+        let paused_at = Instant::now();
+        self.vm.pause();
+        *paused = true;
+        tracing::debug!(
+            pause_us = paused_at.elapsed().as_micros() as u64,
+            "migration vCPUs paused"
+        );
+        self.complete(rest)?;
+        Ok(paused_at)
+    }
+
+    /// After a failure: the channel threads give up too.
+    fn stop_channels(&mut self) {
+        if let Pages::Multifd(channels) = std::mem::replace(&mut self.pages, Pages::Main) {
+            channels.stop();
+        }
     }
 }
 
@@ -764,9 +518,9 @@ fn open_multifd(
     uri: &MigrationUri,
     setup: Setup,
     control: &MigrationControl,
-) -> Result<(Vec<MultifdChannel>, Vec<Outgoing>), SourceError> {
-    let mut channels = Vec::new();
-    let mut conns = Vec::new();
+    conns: &mut Vec<Outgoing>,
+) -> Result<Vec<Connection>, SourceError> {
+    let mut connections = Vec::new();
     for channel in 1..=setup.multifd_channels {
         let conn = Outgoing::connect_extra(uri)?;
         control.add_interrupt(conn.interrupt());
@@ -775,27 +529,13 @@ fn open_multifd(
             what: "multifd connection",
             source,
         })?;
+        let interrupt = conn.interrupt();
+        conns.push(conn);
         let mut stream = StreamWriter::new(writer)?;
         stream.section(SectionKind::Setup, &Setup { channel, ..setup }.encode())?;
-        let (tx, rx) = sync_channel::<Vec<u8>>(2);
-        let thread = std::thread::Builder::new()
-            .name(format!("multifd-{channel}"))
-            .spawn(move || {
-                for payload in rx {
-                    stream.section(SectionKind::Ram, &payload)?;
-                }
-                stream.section(SectionKind::End, &[])?;
-                stream.flush()
-            })
-            .map_err(|source| TransportError::Io {
-                uri: uri.to_string(),
-                what: "starting a multifd thread",
-                source,
-            })?;
-        channels.push(MultifdChannel { tx, thread });
-        conns.push(conn);
+        connections.push(Connection { stream, interrupt });
     }
-    Ok((channels, conns))
+    Ok(connections)
 }
 
 /// Migrates the VM to `uri`. On success the guest stays paused (it runs on
@@ -928,55 +668,51 @@ fn run(
         ram_total,
         page_size: PAGE_SIZE as u32,
     };
-    let mut main = StreamWriter::new(writer)?;
-    main.section(SectionKind::Setup, &setup.encode())?;
-    main.flush()?;
-    let channels = if caps.multifd {
-        let (channels, conns) = open_multifd(uri, setup, control)?;
-        *extra = conns;
-        PageChannels::Multifd(channels)
+    let main = StreamWriter::new(writer)?;
+    let mut main = PageSender::new(
+        main,
+        0,
+        1,
+        caps.xbzrle.then(|| Xbzrle::new(params.xbzrle_cache_size)),
+    );
+    main.stream().section(SectionKind::Setup, &setup.encode())?;
+    main.stream().flush()?;
+    let connections = if caps.multifd {
+        open_multifd(uri, setup, control, extra)?
     } else {
-        PageChannels::Main
+        Vec::new()
     };
-    let batches = (0..multifd_channels.max(1))
-        .map(|_| RamBatch::default())
-        .collect();
     vm.set_dirty_logging(true)
         .map_err(vm_err("starting dirty logging"))?;
     // Start from a clean log: the bulk pass sends everything written so far.
     vm.take_dirty_pages()
         .map_err(vm_err("syncing the dirty bitmap"))?;
-    let mut engine = Engine {
-        vm,
-        caps,
-        params,
-        control,
-        events,
-        main,
-        channels,
-        batches,
-        xbzrle: caps.xbzrle.then(|| Encoder::new(params.xbzrle_cache_size)),
-        meter: RateMeter::new(params.max_bandwidth),
-        ram: RamStats {
-            total: ram_total,
-            ..RamStats::default()
-        },
-        page: vec![0; PAGE_SIZE],
-        pending: 0,
-    };
+    let memory = vm.memory().clone();
+    let progress = Progress::new(control, ram_total, params.max_bandwidth);
     control.update(|i| i.setup_time = Some(start.elapsed().as_millis() as u64));
-    engine.set_status(MigrationStatus::Active);
-    let rest = engine.iterate()?;
-    engine.set_status(MigrationStatus::Device);
-    let paused_at = Instant::now();
-    engine.vm.pause();
-    *paused = true;
-    tracing::debug!(
-        pause_us = paused_at.elapsed().as_micros() as u64,
-        "migration vCPUs paused"
-    );
-    engine.complete(rest)?;
-    drop(engine);
+    let paused_at = std::thread::scope(|scope| {
+        let pages = if caps.multifd {
+            Pages::Multifd(Channels::start(scope, connections, &memory, &progress)?)
+        } else {
+            Pages::Main
+        };
+        let mut engine = Engine {
+            vm,
+            memory: memory.clone(),
+            caps,
+            params,
+            control,
+            events,
+            progress: &progress,
+            main,
+            pages,
+        };
+        let result = engine.run(paused);
+        if result.is_err() {
+            engine.stop_channels();
+        }
+        result
+    })?;
     let sent_at = paused_at.elapsed();
     match return_path {
         Some(rp) => await_confirmation(rp)?,
@@ -1035,22 +771,5 @@ mod tests {
         merge(&mut a, vec![(0, vec![0b010, 1 << 63]), (1 << 30, vec![0])]);
         assert_eq!(a, vec![(0, vec![0b111, 1 << 63]), (1 << 30, vec![1])]);
         assert_eq!(count_pages(&a), 5);
-    }
-
-    #[test]
-    fn rate_meter_holds_the_limit() {
-        let mut meter = RateMeter::new(10 << 20);
-        let start = Instant::now();
-        for _ in 0..8 {
-            meter.account(256 << 10, 64);
-        }
-        // 2 MiB at 10 MiB/s takes at least 200 ms.
-        assert!(
-            start.elapsed() >= Duration::from_millis(195),
-            "{:?}",
-            start.elapsed()
-        );
-        let rate = meter.rate.unwrap();
-        assert!(rate < 12.0 * (1 << 20) as f64, "{rate}");
     }
 }
