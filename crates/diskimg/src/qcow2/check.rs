@@ -364,15 +364,7 @@ fn fix(q: &Qcow2, st: &mut State, s: &Scan, mode: Repair) -> Result<(u64, u64, V
                     )?;
                 }
                 Owner::L2 { table, word } => {
-                    q.with_l2(st, table, |_| ())?;
-                    if let Some(t) = st
-                        .l2_cache
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_mut(&table)
-                    {
-                        t[word] = fixed;
-                    }
+                    q.l2_mut(st, table)?[word] = fixed;
                     disk.write(&fixed.to_be_bytes(), table + word as u64 * 8)?;
                 }
             }

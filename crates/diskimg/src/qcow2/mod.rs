@@ -12,11 +12,12 @@
 pub mod check;
 pub mod create;
 pub mod header;
+mod l2cache;
 pub mod refcount;
 pub mod snapshot;
 
 use std::path::Path;
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::block::{self, Allocation, BlockDevice};
 use crate::buf::AlignedBuf;
@@ -25,8 +26,8 @@ use crate::disk::{be64_at, Disk};
 use crate::error::{corrupt, invalid, Error, Result};
 use crate::image::Chain;
 use crate::iobuf::{self, IoBuf};
-use crate::offset_map::OffsetMap;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use l2cache::L2Cache;
 use refcount::Refcounts;
 
 /// Largest bounce buffer a vectored read uses at a time.
@@ -40,8 +41,6 @@ pub const ZERO: u64 = 1;
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Extended L2: all 32 subclusters read as zeroes.
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
-/// L2 tables kept in memory (each one cluster).
-const L2_CACHE_TABLES: usize = 1024;
 
 pub struct Qcow2 {
     disk: Disk,
@@ -57,7 +56,7 @@ pub struct State {
     pub header: Header,
     pub l1: Vec<u64>,
     pub refs: Refcounts,
-    l2_cache: Mutex<OffsetMap<Vec<u64>>>,
+    l2_cache: L2Cache,
     /// Where the next compressed cluster may go (0: start a new cluster).
     compressed_end: u64,
 }
@@ -121,10 +120,10 @@ impl Qcow2 {
             compression: header.compression,
             backing,
             state: RwLock::new(State {
+                l2_cache: L2Cache::new(1 << header.cluster_bits),
                 header,
                 l1,
                 refs,
-                l2_cache: Mutex::new(OffsetMap::default()),
                 compressed_end: 0,
             }),
             disk,
@@ -196,10 +195,10 @@ impl Qcow2 {
         offset: u64,
         f: impl FnOnce(&[u64]) -> T,
     ) -> Result<T> {
-        let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(table) = cache.get(&offset) {
-            return Ok(f(table));
-        }
+        st.l2_cache.with(offset, || self.load_l2(offset), f)
+    }
+
+    fn load_l2(&self, offset: u64) -> Result<Box<[u64]>> {
         if !offset.is_multiple_of(self.cluster_size()) {
             return Err(corrupt(
                 &self.disk.path,
@@ -208,13 +207,23 @@ impl Qcow2 {
         }
         let mut raw = AlignedBuf::page(self.cluster_size() as usize);
         self.disk.read_meta(&mut raw, offset, "L2 table")?;
-        if cache.len() >= L2_CACHE_TABLES {
-            cache.clear();
+        Ok(raw.chunks(8).map(|c| be64_at(c, 0)).collect())
+    }
+
+    /// Runs `f` under the shared lock. L2 tables it loaded then move into
+    /// the cache proper, where later reads find them without a lock, if no
+    /// one else holds the lock at that moment.
+    fn shared<T>(&self, f: impl FnOnce(&State) -> Result<T>) -> Result<T> {
+        let (result, loaded) = {
+            let st = self.read();
+            (f(&st), st.l2_cache.pending())
+        };
+        if loaded {
+            if let Ok(mut st) = self.state.try_write() {
+                st.l2_cache.settle();
+            }
         }
-        let table = cache
-            .entry(offset)
-            .or_insert_with(|| raw.chunks(8).map(|c| be64_at(c, 0)).collect());
-        Ok(f(table))
+        result
     }
 
     fn slot(&self, st: &State, guest: u64) -> Result<Slot> {
@@ -492,6 +501,38 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// `block_status` under the shared lock.
+    fn status_locked(&self, st: &State, offset: u64, len: u64) -> Result<(Allocation, u64)> {
+        self.check_range(st, offset, len)?;
+        let (first, mut n) = self.map(st, offset, len)?;
+        let kind = |m: Map| match m {
+            Map::Unallocated => Allocation::Unallocated,
+            Map::Zero => Allocation::Zero,
+            Map::Data(h) => Allocation::Data {
+                host: Some(h),
+                compressed: false,
+            },
+            Map::Compressed(_) => Allocation::Data {
+                host: None,
+                compressed: true,
+            },
+        };
+        // Extend over following clusters of the same kind (contiguous data).
+        while n < len {
+            let (next, m) = self.map(st, offset + n, len - n)?;
+            let same = match (first, next) {
+                (Map::Data(a), Map::Data(b)) => b == a + n,
+                (Map::Compressed(_), Map::Compressed(_)) => true,
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            n += m;
+        }
+        Ok((kind(first), n))
+    }
+
     /// Makes the L2 table for `guest` exist and be owned by the active L1
     /// (allocating or copying it), and returns the guest cluster's slot.
     fn slot_for_write(&self, st: &mut State, guest: u64) -> Result<Slot> {
@@ -508,10 +549,7 @@ impl Qcow2 {
             let new = st.refs.alloc(&self.disk, 1)? * cs;
             let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.disk.write(&raw, new)?;
-            st.l2_cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(new, table);
+            st.l2_cache.insert(new, table.into_boxed_slice());
             st.l1[l1_index] = new | COPIED;
             self.disk.write(
                 &(new | COPIED).to_be_bytes(),
@@ -524,7 +562,7 @@ impl Qcow2 {
         self.slot(st, guest)
     }
 
-    fn set_slot(&self, st: &State, slot: &Slot, entry: u64, bitmap: u64) -> Result<()> {
+    fn set_slot(&self, st: &mut State, slot: &Slot, entry: u64, bitmap: u64) -> Result<()> {
         self.set_slots(st, slot.l2_offset, slot.index, &[(entry, bitmap)])
     }
 
@@ -532,15 +570,13 @@ impl Qcow2 {
     /// with one write.
     fn set_slots(
         &self,
-        st: &State,
+        st: &mut State,
         l2_offset: u64,
         first: usize,
         entries: &[(u64, u64)],
     ) -> Result<()> {
         let words = if self.ext_l2 { 2 } else { 1 };
-        self.with_l2(st, l2_offset, |_| ())?;
-        let mut cache = st.l2_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let table = cache.get_mut(&l2_offset).expect("L2 table loaded above");
+        let table = self.l2_mut(st, l2_offset)?;
         let mut raw = Vec::with_capacity(entries.len() * words * 8);
         for (i, &(entry, bitmap)) in entries.iter().enumerate() {
             let at = (first + i) * words;
@@ -553,6 +589,19 @@ impl Qcow2 {
         }
         self.disk
             .write(&raw, l2_offset + first as u64 * self.l2_entry_size())
+    }
+
+    /// The cached L2 table at `offset` (read if it is not), to change
+    /// along with the file.
+    pub(crate) fn l2_mut<'a>(&self, st: &'a mut State, offset: u64) -> Result<&'a mut [u64]> {
+        if st.l2_cache.get_mut(offset).is_none() {
+            let table = self.load_l2(offset)?;
+            st.l2_cache.insert(offset, table);
+        }
+        Ok(st
+            .l2_cache
+            .get_mut(offset)
+            .expect("L2 table cached just above"))
     }
 
     /// Drops this image's reference to what an old L2 entry pointed at.
@@ -766,7 +815,7 @@ impl Qcow2 {
         let x = 62 - (self.cluster_bits - 8);
         let sectors = ((offset & 511) + len).div_ceil(512);
         let entry = COMPRESSED | ((sectors - 1) << x) | offset;
-        self.set_slot(&st, &slot, entry, 0)?;
+        self.set_slot(&mut st, &slot, entry, 0)?;
         self.release(&mut st, slot.entry)
     }
 
@@ -792,7 +841,7 @@ impl Qcow2 {
             for i in 0..n {
                 let slot = self.slot(&st, g + i * cs)?;
                 let bitmap = if self.ext_l2 { ALL_ALLOCATED } else { 0 };
-                self.set_slot(&st, &slot, (first + i * cs) | COPIED, bitmap)?;
+                self.set_slot(&mut st, &slot, (first + i * cs) | COPIED, bitmap)?;
             }
             g += n * cs;
         }
@@ -902,28 +951,30 @@ impl BlockDevice for Qcow2 {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let st = self.read();
-        self.check_range(&st, offset, buf.len() as u64)?;
-        self.read_locked(&st, buf, offset)
+        self.shared(|st| {
+            self.check_range(st, offset, buf.len() as u64)?;
+            self.read_locked(st, buf, offset)
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        {
-            let st = self.read();
-            self.check_range(&st, offset, buf.len() as u64)?;
-            if self.write_in_place(&st, buf, offset)? {
-                return Ok(());
-            }
+        let in_place = self.shared(|st| {
+            self.check_range(st, offset, buf.len() as u64)?;
+            self.write_in_place(st, buf, offset)
+        })?;
+        if in_place {
+            return Ok(());
         }
         let mut st = self.write_lock();
         self.write_locked(&mut st, buf, offset)
     }
 
     fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
-        let st = self.read();
-        self.check_range(&st, offset, iobuf::total_len(bufs))?;
-        self.read_vectored_locked(&st, bufs, offset)
+        self.shared(|st| {
+            self.check_range(st, offset, iobuf::total_len(bufs))?;
+            self.read_vectored_locked(st, bufs, offset)
+        })
     }
 
     /// Straight from `bufs` where every cluster is allocated and owned
@@ -931,22 +982,25 @@ impl BlockDevice for Qcow2 {
     fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         self.check_writable()?;
         let total = iobuf::total_len(bufs);
-        {
-            let st = self.read();
-            self.check_range(&st, offset, total)?;
-            if let Some(plan) = self.in_place_plan(&st, offset, total)? {
-                let direct = plan.iter().all(|&(host, at, len)| {
+        let written = self.shared(|st| {
+            self.check_range(st, offset, total)?;
+            let Some(plan) = self.in_place_plan(st, offset, total)? else {
+                return Ok(false);
+            };
+            let direct = plan.iter().all(|&(host, at, len)| {
+                self.disk
+                    .vectored_fits(&iobuf::sub_range(bufs, at, at + len), host)
+            });
+            if direct {
+                for (host, at, len) in plan {
                     self.disk
-                        .vectored_fits(&iobuf::sub_range(bufs, at, at + len), host)
-                });
-                if direct {
-                    for (host, at, len) in plan {
-                        self.disk
-                            .write_vectored(&iobuf::sub_range(bufs, at, at + len), host)?;
-                    }
-                    return Ok(());
+                        .write_vectored(&iobuf::sub_range(bufs, at, at + len), host)?;
                 }
             }
+            Ok(direct)
+        })?;
+        if written {
+            return Ok(());
         }
         block::write_bounced(self, bufs, offset)
     }
@@ -989,35 +1043,7 @@ impl BlockDevice for Qcow2 {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
-        let st = self.read();
-        self.check_range(&st, offset, len)?;
-        let (first, mut n) = self.map(&st, offset, len)?;
-        let kind = |m: Map| match m {
-            Map::Unallocated => Allocation::Unallocated,
-            Map::Zero => Allocation::Zero,
-            Map::Data(h) => Allocation::Data {
-                host: Some(h),
-                compressed: false,
-            },
-            Map::Compressed(_) => Allocation::Data {
-                host: None,
-                compressed: true,
-            },
-        };
-        // Extend over following clusters of the same kind (contiguous data).
-        while n < len {
-            let (next, m) = self.map(&st, offset + n, len - n)?;
-            let same = match (first, next) {
-                (Map::Data(a), Map::Data(b)) => b == a + n,
-                (Map::Compressed(_), Map::Compressed(_)) => true,
-                (a, b) => a == b,
-            };
-            if !same {
-                break;
-            }
-            n += m;
-        }
-        Ok((kind(first), n))
+        self.shared(|st| self.status_locked(st, offset, len))
     }
 
     fn backing(&self) -> Option<&dyn BlockDevice> {

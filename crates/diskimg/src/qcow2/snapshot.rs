@@ -180,10 +180,7 @@ impl Qcow2 {
             if changed {
                 let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
                 self.disk().write(&raw, l2)?;
-                st.l2_cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(l2, table);
+                st.l2_cache.insert(l2, table.into_boxed_slice());
             }
             let want = if owned { e | COPIED } else { e & !COPIED };
             if want != e {
