@@ -583,22 +583,92 @@ fn ioeventfd_notification_is_served_like_a_register_write() {
     assert_eq!(MmioTransport::<Block>::queue_notify_offset(), 0x50);
 }
 
-#[test]
-fn event_idx_suppresses_notifications_but_still_serves_requests() {
+fn event_idx_driver() -> (Driver<Block>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let disk = Arc::new(FileDisk::create(&dir.path().join("d"), DISK_SIZE));
     let mut d = Driver::new(Block::new(disk, BlockConfig::default()).unwrap());
     d.init(VIRTIO_F_VERSION_1 | FEATURE_EVENT_IDX, 1, 128);
     assert!(d.transport.acked_features() & FEATURE_EVENT_IDX != 0);
+    (d, dir)
+}
+
+fn avail_event(d: &Driver<Block>) -> u16 {
+    d.mem
+        .read_obj(GuestAddress(d.queues[0].used + 4 + 8 * 128))
+        .unwrap()
+}
+
+/// Waits until the device, gone idle, asks to be notified at `want`.
+fn settles_at(d: &Driver<Block>, want: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if avail_event(d) == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    false
+}
+
+#[test]
+fn event_idx_suppresses_notifications_but_still_serves_requests() {
+    let (mut d, _dir) = event_idx_driver();
     for i in 0..5 {
         assert_eq!(request(&mut d, T_IN, i, &[wr(DATA, 512)]).0, S_OK);
-        // The device asks to be notified at the next avail index.
-        let avail_event: u16 = d
-            .mem
-            .read_obj(GuestAddress(d.queues[0].used + 4 + 8 * 128))
-            .unwrap();
-        assert_eq!(avail_event, i as u16 + 1);
+        // Once idle, the device asks to be notified at the next avail index.
+        assert!(
+            settles_at(&d, i as u16 + 1),
+            "avail_event {}",
+            avail_event(&d)
+        );
     }
+}
+
+/// virtio 1.x 2.7.10: the driver notifies iff avail_event lies in [old, new).
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[test]
+fn requests_published_while_notifications_are_held_back_are_all_served() {
+    let (mut d, _dir) = event_idx_driver();
+    const DEPTH: u16 = 8;
+    const TOTAL: u16 = 400;
+    let (mut published, mut done, mut notified) = (0u16, 0u16, 0);
+    while done < TOTAL {
+        // Refill, notifying only where avail_event asks for it, so the
+        // device must find requests it held notifications back for.
+        let old = published;
+        while published < TOTAL && published - done < DEPTH {
+            let slot = u64::from(published % DEPTH);
+            let (hdr, data, status) = (HDR + 16 * slot, DATA + 512 * slot, STATUS + slot);
+            d.mem.write_obj(T_IN.to_le(), GuestAddress(hdr)).unwrap();
+            d.mem
+                .write_obj(u64::from(published).to_le(), GuestAddress(hdr + 8))
+                .unwrap();
+            d.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+            d.queues[0].set_next_desc((published % DEPTH) * 3);
+            d.queues[0].add_chain(&d.mem, &[rd(hdr, 16), wr(data, 512), wr(status, 1)]);
+            published += 1;
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if published != old && need_event(avail_event(&d), published, old) {
+            d.notify(0);
+            notified += 1;
+        }
+        let (head, len) = d.queues[0]
+            .wait_used(&d.mem, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("request {done} never completed ({notified} notifications)"));
+        assert_eq!((head, len), (u32::from(done % DEPTH) * 3, 513));
+        let status: u8 = d
+            .mem
+            .read_obj(GuestAddress(STATUS + u64::from(done % DEPTH)))
+            .unwrap();
+        assert_eq!(status, S_OK, "request {done}");
+        done += 1;
+    }
+    assert!(settles_at(&d, TOTAL), "avail_event {}", avail_event(&d));
+    eprintln!("{TOTAL} requests, {notified} notifications");
 }
 
 #[test]

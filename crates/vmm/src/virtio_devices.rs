@@ -265,10 +265,16 @@ struct ImageFacts {
 
 fn open_disk(config: &DiskConfig) -> Result<(ImageFacts, Block), VirtioError> {
     let (facts, image) = open_image(config)?;
-    let block = Block::new(image, config.block.clone()).map_err(|source| VirtioError::Block {
-        id: config.id.clone(),
-        source,
-    })?;
+    let mut block =
+        Block::new(image, config.block.clone()).map_err(|source| VirtioError::Block {
+            id: config.id.clone(),
+            source,
+        })?;
+    // A second descriptor of the image, only to start its writeback early.
+    match std::fs::File::open(&config.path) {
+        Ok(file) => block.set_write_behind(file),
+        Err(e) => tracing::warn!("disk {}: no write-behind: {e}", config.id),
+    }
     Ok((facts, block))
 }
 

@@ -2,9 +2,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -97,11 +100,16 @@ pub(crate) fn drain(evt: &EventFd) {
 /// A worker that serves one virtqueue. `process_queue` is the part of the
 /// spec's notification suppression every such device shares: serve with
 /// notifications off, re-enable them and look again before going idle (or
-/// a request that raced the re-enable would sit unseen), then interrupt the
-/// driver only if it asked to be told.
+/// a request that raced the re-enable would sit unseen), and interrupt the
+/// driver after each pass that used buffers, if it asked to be told.
 pub(crate) trait QueueServer {
     /// The device's name in log lines.
     const NAME: &'static str;
+
+    /// How long an emptied ring is polled for the driver's next request
+    /// before going idle; zero: never. While the worker polls, the driver
+    /// is asked not to notify (each notification is a VM exit).
+    const POLL: Duration = Duration::ZERO;
 
     fn queue_and_memory(&mut self) -> (&mut Queue, &GuestMemory);
 
@@ -113,16 +121,28 @@ pub(crate) trait QueueServer {
 
     fn throttled(&self) -> bool;
 
+    /// Serves until the ring stays empty. A server that polls holds
+    /// notifications back on the way, so its caller must look once more
+    /// after [`KICK_RACE_GRACE_MS`] of idleness ([`QueueServer::recheck`]).
     fn process_queue(&mut self) {
-        let mut used_any = false;
+        let polling = !Self::POLL.is_zero();
         loop {
-            let (queue, mem) = self.queue_and_memory();
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("{}: disabling notifications: {e}", Self::NAME);
+            if polling {
+                self.hold_notifications();
+            } else {
+                let (queue, mem) = self.queue_and_memory();
+                if let Err(e) = queue.disable_notification(mem) {
+                    tracing::warn!("{}: disabling notifications: {e}", Self::NAME);
+                }
             }
-            used_any |= self.serve_available();
+            if self.serve_available() {
+                self.notify_driver();
+            }
             if self.throttled() {
                 break;
+            }
+            if polling && self.poll_avail() {
+                continue;
             }
             let (queue, mem) = self.queue_and_memory();
             match queue.enable_notification(mem) {
@@ -134,9 +154,86 @@ pub(crate) trait QueueServer {
                 }
             }
         }
+    }
+
+    /// Asks the driver not to notify for any request it can publish before
+    /// the worker takes another: with EVENT_IDX, avail_event a whole ring
+    /// ahead of what the worker has taken (the driver notifies only once
+    /// its index passes avail_event; it cannot publish more than a ring
+    /// beyond what was used, and used never passes taken); without, the
+    /// NO_NOTIFY flag.
+    fn hold_notifications(&mut self) {
         let (queue, mem) = self.queue_and_memory();
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = hold_notifications(queue, mem) {
+            tracing::warn!("{}: holding notifications back: {e}", Self::NAME);
+        }
+    }
+
+    /// Interrupts the driver if it asked to be told of these used buffers.
+    fn notify_driver(&mut self) {
+        let (queue, mem) = self.queue_and_memory();
+        if queue.needs_notification(mem).unwrap_or(true) {
             self.interrupt().signal_used_queue();
         }
     }
+
+    /// Spins up to [`QueueServer::POLL`] for the avail index to move.
+    fn poll_avail(&mut self) -> bool {
+        let deadline = Instant::now() + Self::POLL;
+        let (queue, mem) = self.queue_and_memory();
+        loop {
+            match queue.avail_idx(mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The late look after [`KICK_RACE_GRACE_MS`] idle: re-enables
+    /// notifications (never holding them back, so this look cannot race
+    /// itself) and says whether requests are waiting.
+    ///
+    /// Why: a driver that publishes its avail index and then reads
+    /// avail_event without a full barrier between (virtio-drivers does
+    /// this) can read the held-back value while the worker re-enables
+    /// notifications and reads the old index: neither notices the other.
+    /// Its store reaches memory within nanoseconds, so one look later
+    /// finds it.
+    fn recheck(&mut self) -> bool {
+        let (queue, mem) = self.queue_and_memory();
+        queue.enable_notification(mem).unwrap_or(true)
+    }
+}
+
+/// How long an idle worker that held notifications back waits before its
+/// one late look at the ring.
+pub(crate) const KICK_RACE_GRACE_MS: i32 = 1;
+
+/// See [`QueueServer::hold_notifications`].
+fn hold_notifications(queue: &mut Queue, mem: &GuestMemory) -> Result<(), HoldError> {
+    if !queue.event_idx_enabled() {
+        return Ok(queue.disable_notification(mem)?);
+    }
+    let ahead = queue.next_avail().wrapping_add(queue.size());
+    // avail_event follows the used ring's header and elements (virtio 1.x 2.7.8).
+    let addr = GuestAddress(queue.used_ring())
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(HoldError::Address)?;
+    Ok(mem.store(ahead.to_le(), addr, Ordering::Relaxed)?)
+}
+
+/// Why notifications could not be held back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HoldError {
+    #[error("{0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error("avail_event lies outside guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("the used ring's address overflows")]
+    Address,
 }
