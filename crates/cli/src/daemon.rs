@@ -112,6 +112,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     server::run_blocking(DaemonOptions {
         remote,
         network,
+        // As the default network: a system daemon's, at STATE/images.
+        default_pool: mode == Mode::System,
         paths,
         vmm_binary,
         cgroups: root && !args.no_cgroups,

@@ -125,7 +125,7 @@ pub(crate) fn flag(query: &Option<String>, key: &str) -> Result<bool, ApiError> 
     Ok(false)
 }
 
-fn modify(query: &Option<String>) -> Result<Modify, ApiError> {
+pub(crate) fn modify(query: &Option<String>) -> Result<Modify, ApiError> {
     Ok(Modify {
         live: flag(query, "live")?,
         config: flag(query, "config")?,
@@ -187,6 +187,8 @@ pub fn router(manager: Manager) -> Router {
         )
         .route("/v1/domains/{name}/{action}", post(action))
         .merge(crate::net_api::routes())
+        .merge(crate::pool_api::routes())
+        .merge(crate::disk_attach::routes())
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,

@@ -11,8 +11,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
-    /// An image file (raw or qcow2) or a host block device.
+    /// An image file (raw or qcow2) or a host block device; for a disk
+    /// with `volume`, the daemon fills it in from the pool.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
+    /// A storage pool's volume, `POOL/NAME` (see `oxvirt vol-list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     /// raw or qcow2; the VMM probes the image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
@@ -104,6 +109,10 @@ pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
 /// The guest's name for disk `index`: vda, vdb, ..., vdz, vdaa, ...
 pub fn disk_target(index: usize) -> String {
     let mut suffix = Vec::new();
@@ -170,6 +179,12 @@ fn check_flag_value(field: &'static str, value: &str) -> Result<(), DeviceProble
 impl Disk {
     /// Checks the disk; `index` names it in errors.
     pub fn validate(&self) -> Result<(), DeviceProblem> {
+        if is_empty_path(&self.path) {
+            return Err(problem(
+                "disk.path",
+                "missing: give path (an image file or block device) or volume (POOL/NAME)",
+            ));
+        }
         let path = self.path.to_string_lossy();
         check_flag_value("disk.path", &path)?;
         if !self.path.is_absolute() {
@@ -343,6 +358,7 @@ mod tests {
     fn disk_flag_carries_every_setting() {
         let disk = Disk {
             path: "/img/a.qcow2".into(),
+            volume: None,
             format: Some("qcow2".into()),
             readonly: true,
             cache: Some("none".into()),
@@ -379,6 +395,8 @@ mod tests {
             "disk.path"
         );
         assert_eq!(disk("/tmp").validate().unwrap_err().field, "disk.path");
+        let unset = disk("").validate().unwrap_err();
+        assert!(unset.reason.contains("volume (POOL/NAME)"), "{unset:?}");
         let mut d = disk("/proc/self/exe");
         d.format = Some("vmdk".into());
         assert_eq!(d.validate().unwrap_err().field, "disk.format");

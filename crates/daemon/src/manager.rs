@@ -36,6 +36,8 @@ pub struct ManagerOptions {
     pub cgroups: Option<CgroupPlacement>,
     /// The `default` network the first start defines (`None`: none).
     pub network: Option<NatConfig>,
+    /// Define the `default` storage pool (at STATE/images) on the first start.
+    pub default_pool: bool,
 }
 
 /// Who asked a running domain to stop, so its exit is not a crash.
@@ -125,6 +127,8 @@ pub(crate) struct Inner {
     domains: Mutex<BTreeMap<String, Domain>>,
     /// The virtual networks and their DHCP servers.
     pub(crate) networks: crate::network::Networks,
+    /// The storage pools.
+    pub(crate) pools: crate::pool::Pools,
     /// Serialises define, undefine and start, which check then change.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -146,9 +150,13 @@ impl Manager {
                 source,
             })?;
         }
+        // Pools first: definitions name their volumes.
+        let pools = crate::pool::Pools::open(&opts.paths, opts.default_pool);
+        pools.resume();
         let manager = Manager(Arc::new(Inner {
-            domains: Mutex::new(load_definitions(&opts.paths)),
+            domains: Mutex::new(load_definitions(&opts.paths, &pools)),
             networks: crate::network::Networks::open(&opts.paths.state_dir, opts.network.as_ref()),
+            pools,
             opts,
             lifecycle: tokio::sync::Mutex::new(()),
         }));
@@ -278,7 +286,8 @@ impl Manager {
     /// Defines a persistent domain from TOML text; `origin` names the text
     /// in errors. Nothing is written unless the definition is valid and new.
     pub async fn define(&self, text: &str, origin: &str) -> Result<String, ManagerError> {
-        let def = DomainDef::parse(text, origin)?;
+        let mut def = DomainDef::parse(text, origin)?;
+        self.0.pools.resolve_disks(&def.name, &mut def.disks)?;
         def.validate()?;
         let _guard = self.0.lifecycle.lock().await;
         if self.table().contains_key(&def.name) {
@@ -357,7 +366,8 @@ impl Manager {
     /// `oxvirt run`: defines (persistent) or creates (transient) a domain
     /// and starts it; a transient domain that fails to start is forgotten.
     pub async fn run(&self, text: &str, transient: bool) -> Result<DomainInfo, ManagerError> {
-        let def = DomainDef::parse(text, "run")?;
+        let mut def = DomainDef::parse(text, "run")?;
+        self.0.pools.resolve_disks(&def.name, &mut def.disks)?;
         def.validate()?;
         let name = def.name.clone();
         let _guard = self.0.lifecycle.lock().await;
@@ -419,8 +429,17 @@ impl Manager {
             }
             Ok(d.def.clone())
         })?;
-        let def = def.unwrap_or(current);
+        let own = def.is_none();
+        let mut def = def.unwrap_or(current);
+        self.0.pools.resolve_disks(name, &mut def.disks)?;
         def.validate()?;
+        if own {
+            // Volumes resolve to paths now even if their pool was down at load.
+            self.with(name, |d| {
+                d.def.disks.clone_from(&def.disks);
+                Ok(())
+            })?;
+        }
         let persistent = self.with(name, |d| Ok(d.persistent))?;
         let (live, waiter) = supervise::launch(&self.0.opts, &def, persistent, incoming).await?;
         let pid = live.record.pid;
@@ -777,7 +796,7 @@ fn inactive(def: DomainDef, persistent: bool) -> Domain {
 
 /// Every readable definition; a broken file is logged and skipped so one
 /// bad edit does not take the others down.
-fn load_definitions(paths: &Paths) -> BTreeMap<String, Domain> {
+fn load_definitions(paths: &Paths, pools: &crate::pool::Pools) -> BTreeMap<String, Domain> {
     let mut table = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(paths.domains_dir()) else {
         return table;
@@ -794,7 +813,11 @@ fn load_definitions(paths: &Paths) -> BTreeMap<String, Domain> {
             })
             .and_then(|text| DomainDef::parse(&text, &path.display().to_string()));
         match loaded {
-            Ok(def) if path.file_stem().is_some_and(|s| *s == *def.name) => {
+            Ok(mut def) if path.file_stem().is_some_and(|s| *s == *def.name) => {
+                // A volume whose pool is down resolves at start (with its error then).
+                if let Err(e) = pools.resolve_disks(&def.name, &mut def.disks) {
+                    tracing::warn!(error = %e, "volume not resolved");
+                }
                 table.insert(def.name.clone(), inactive(def, true));
             }
             Ok(def) => {

@@ -32,7 +32,8 @@ impl Mode {
 /// The daemon's folders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
-    /// Persistent state: `domains/NAME.toml`, `autostart/NAME`, `log/NAME.log`.
+    /// Persistent state: `domains/NAME.toml`, `autostart/NAME`, `log/NAME.log`,
+    /// `pools/NAME.toml`, `images/` (the default pool).
     pub state_dir: PathBuf,
     /// Runtime state, gone at reboot: the API socket and one folder per
     /// running domain (VMM sockets and its record).
@@ -101,6 +102,21 @@ impl Paths {
     /// The VMM's own messages (stderr).
     pub fn vmm_log(&self, name: &str) -> PathBuf {
         self.log_dir().join(format!("{name}.vmm.log"))
+    }
+
+    /// Storage pool definitions (`pools/NAME.toml`).
+    pub fn pools_dir(&self) -> PathBuf {
+        self.state_dir.join("pools")
+    }
+
+    /// The marks of active storage pools.
+    pub fn pools_run_dir(&self) -> PathBuf {
+        self.run_dir.join("pools")
+    }
+
+    /// The `default` storage pool's folder (libvirt's /var/lib/libvirt/images).
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
     }
 
     pub fn running_dir(&self) -> PathBuf {

@@ -47,7 +47,7 @@ pub struct RunSpec {
     pub device_write_bps: Vec<String>,
     pub device_read_iops: Vec<String>,
     pub device_write_iops: Vec<String>,
-    /// `--disk path=FILE[,format=F][,readonly=on][,cache=C][,serial=S]`.
+    /// `--disk path=FILE[,format=F][,readonly=on][,cache=C][,serial=S]`, or `vol=POOL/NAME` instead of path.
     pub disks: Vec<String>,
     /// `--network default` (one NIC each; `none` for none).
     pub networks: Vec<String>,
@@ -213,7 +213,8 @@ impl RunSpec {
     }
 }
 
-/// `--disk path=FILE,format=qcow2,readonly=on,cache=none,serial=ID`.
+/// `--disk path=FILE,format=qcow2,readonly=on,cache=none,serial=ID`, or
+/// `vol=POOL/NAME` for a storage pool's volume.
 fn parse_disk(spec: &str) -> Result<Disk, RunSpecError> {
     let bad = |reason: String| RunSpecError::Invalid {
         flag: "disk",
@@ -227,6 +228,7 @@ fn parse_disk(spec: &str) -> Result<Disk, RunSpecError> {
             .ok_or_else(|| bad(format!("{item:?}: expected KEY=VALUE")))?;
         match key {
             "path" | "file" => path = Some(value),
+            "vol" | "volume" => disk.volume = Some(value.to_owned()),
             "format" => disk.format = Some(value.to_owned()),
             "readonly" => {
                 disk.readonly = match value {
@@ -239,14 +241,20 @@ fn parse_disk(spec: &str) -> Result<Disk, RunSpecError> {
             "serial" => disk.serial = Some(value.to_owned()),
             _ => {
                 return Err(bad(format!(
-                    "unknown key {key:?} (expected path, format, readonly, cache, serial)"
+                    "unknown key {key:?} (expected path, vol, format, readonly, cache, serial)"
                 )))
             }
         }
     }
-    let path = path.ok_or_else(|| bad("path=FILE is missing".into()))?;
-    disk.path = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
-    Ok(disk)
+    match (path, &disk.volume) {
+        (Some(_), Some(_)) => Err(bad("give path=FILE or vol=POOL/NAME, not both".into())),
+        (None, None) => Err(bad("path=FILE (or vol=POOL/NAME) is missing".into())),
+        (None, Some(_)) => Ok(disk),
+        (Some(path), None) => {
+            disk.path = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+            Ok(disk)
+        }
+    }
 }
 
 /// Puts `--device-read-bps vda:1mb` on guest disk vda; false when the
@@ -376,6 +384,18 @@ mod tests {
         .into_definition()
         .unwrap_err();
         assert!(err.to_string().contains("--memory-swap"), "{err}");
+    }
+
+    #[test]
+    fn disks_name_a_path_or_a_volume() {
+        let disk = parse_disk("vol=default/web.qcow2,format=qcow2").unwrap();
+        assert_eq!(disk.volume.as_deref(), Some("default/web.qcow2"));
+        assert!(disk.path.as_os_str().is_empty());
+        assert!(parse_disk("path=/a.img").unwrap().volume.is_none());
+        let both = parse_disk("path=/a.img,vol=default/a").unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        let neither = parse_disk("format=raw").unwrap_err();
+        assert!(neither.to_string().contains("is missing"), "{neither}");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct DaemonOptions {
     pub cgroup_parent: Option<PathBuf>,
     /// The `default` network the first start defines (`None`: none).
     pub network: Option<NatConfig>,
+    /// Define the `default` storage pool (at STATE/images) on the first start.
+    pub default_pool: bool,
     /// The remote API on TCP (`--listen`), if any.
     pub remote: Option<RemoteListen>,
 }
@@ -76,6 +78,7 @@ impl DaemonOptions {
             vmm_binary: self.vmm_binary.clone(),
             cgroups,
             network: self.network.clone(),
+            default_pool: self.default_pool,
         })
     }
 }

@@ -28,6 +28,7 @@ async fn manager(dir: &Path) -> Manager {
         vmm_binary: PathBuf::from("/nonexistent/oxvirt"),
         cgroups: None,
         network: None,
+        default_pool: false,
     })
     .await
     .unwrap()

@@ -2,7 +2,9 @@
 //! `oxvirt run`: each one API call to oxvirtd, then printing.
 
 mod console;
+mod disk;
 mod net;
+mod pool;
 mod print;
 
 use std::ffi::OsString;
@@ -443,7 +445,7 @@ pub struct RunArgs {
     device_read_iops: Vec<String>,
     #[arg(long)]
     device_write_iops: Vec<String>,
-    /// A guest disk: path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=ID] (repeatable; vda, vdb, ...).
+    /// A guest disk: path=FILE (or vol=POOL/NAME)[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=ID] (repeatable; vda, vdb, ...).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A NIC on the daemon's NAT network: default (repeatable), or none.
@@ -542,6 +544,10 @@ pub enum Verb {
     Run(Box<RunArgs>),
     #[command(flatten)]
     Net(net::NetVerb),
+    #[command(flatten)]
+    Pool(pool::PoolVerb),
+    #[command(flatten)]
+    Disk(disk::DiskVerb),
 }
 
 pub fn run(verb: Verb) -> anyhow::Result<u8> {
@@ -613,6 +619,8 @@ pub fn run(verb: Verb) -> anyhow::Result<u8> {
         Verb::Vcpupin(a) => vcpupin(a)?,
         Verb::Run(a) => run_domain(*a)?,
         Verb::Net(v) => net::run(v)?,
+        Verb::Pool(v) => pool::run(v)?,
+        Verb::Disk(v) => disk::run(v)?,
         Verb::Blkdeviotune(a) => blkdeviotune(a)?,
         Verb::Blkiotune(a) => blkiotune(a)?,
         Verb::Domblkstat(a) => {
