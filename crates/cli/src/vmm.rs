@@ -49,6 +49,10 @@ pub struct Args {
     /// unix:PATH, exec:COMMAND, fd:N or file:PATH (same devices as the source).
     #[arg(long, value_name = "URI")]
     incoming: Option<String>,
+    /// Keep the vCPUs stopped after boot set-up or an incoming migration
+    /// until `cont` on the control socket (QEMU's -S).
+    #[arg(short = 'S', long)]
+    paused: bool,
     /// The same settings in a TOML file (or JSON, for a .json name); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -105,6 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         net: given(args.net),
         rng: args.rng.then_some(true),
         incoming: args.incoming,
+        paused: args.paused.then_some(true),
     };
     let config = from_file.overridden_by(flags).into_config()?;
     let exit = vmm::run(&config).context("vmm")?;

@@ -1,12 +1,13 @@
 //! The `oxvirt vmm` control socket on real KVM: stop/cont seen in the
-//! guest's progress, system_reset, query-cpus, events, quit, bad commands.
+//! guest's progress, -S (start paused), system_reset, query-cpus, events,
+//! quit, bad commands.
 
 mod vmm_common;
 
 use std::time::Duration;
 
 use serde_json::json;
-use vmm_common::Session;
+use vmm_common::{temp_dir, vmm_command, Session};
 
 /// The probe guest (64 MiB, `vcpus`) with its console in a file.
 fn probe_session(name: &str, cmdline: &str, vcpus: u32) -> Session {
@@ -43,6 +44,97 @@ fn heavy_api_stop_and_cont_freeze_the_guest() {
     let shutdown = s.wait_event("SHUTDOWN");
     assert_eq!(shutdown["data"]["reason"], "host-qmp-quit");
     assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// The status `query-status` reports, checked against its `running` field.
+fn status(s: &mut Session) -> String {
+    let reply = s.ok("query-status", json!({}));
+    let status = reply["status"].as_str().expect("status").to_owned();
+    assert_eq!(reply["running"], status == "running", "{reply}");
+    status
+}
+
+/// The console stays as it is for a while: no vCPU runs.
+fn assert_frozen(s: &Session, what: &str) {
+    let before = s.console();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.console(), before, "the guest ran {what}");
+}
+
+#[test]
+fn heavy_api_paused_start_runs_nothing_until_cont() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let kernel = testkit::probe_kernel();
+    let args = [
+        "-S",
+        "--cmdline",
+        MEM_LOOP,
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+    ];
+    let mut s = Session::start("vmm-api-paused", &kernel, &args);
+    assert_eq!(status(&mut s), "paused");
+    assert_frozen(&s, "before cont");
+    assert_eq!(s.console(), "", "not even the first line before cont");
+    // The vCPU threads exist already (the manager places them before cont).
+    assert_eq!(
+        s.ok("query-cpus", json!({})).as_array().map(Vec::len),
+        Some(2)
+    );
+    // A stop while never started changes nothing.
+    assert_eq!(s.execute("stop"), json!({"return": {}}));
+    assert_eq!(status(&mut s), "paused");
+    assert_eq!(s.execute("cont"), json!({"return": {}}));
+    s.wait_event("RESUME");
+    assert_eq!(status(&mut s), "running");
+    s.wait_count("PROBE READY", 1, Duration::from_secs(30));
+    s.wait_count(PASS, 2, Duration::from_secs(30));
+    s.execute("quit");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn heavy_api_restored_guest_stays_paused_until_cont() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let dir = temp_dir("vmm-api-restore-paused");
+    let saved = dir.join("vm.state");
+    let uri = format!("file:{}", saved.display());
+    let kernel = testkit::probe_kernel();
+    let vm = ["--cmdline", MEM_LOOP, "--memory", "64M"];
+    let mut src = Session::start("vmm-api-restore-src", &kernel, &vm);
+    src.wait_count(PASS, 2, Duration::from_secs(30));
+    src.ok("migrate", json!({"uri": uri}));
+    loop {
+        let info = src.ok("query-migrate", json!({}));
+        match info["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => panic!("saving the guest: {info}"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    src.execute("quit");
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let restore = [&vm[..], &["--incoming", uri.as_str(), "--paused"]].concat();
+    let mut dst = Session::spawn("vmm-api-restore-dst", vmm_command(&kernel, &restore));
+    // The reply comes once the state is loaded.
+    assert_eq!(status(&mut dst), "paused");
+    assert_frozen(&dst, "after the restore, before cont");
+    assert_eq!(dst.count(PASS), 0);
+    assert_eq!(dst.execute("cont"), json!({"return": {}}));
+    assert_eq!(status(&mut dst), "running");
+    // It carries on: no new boot, passes go on from where they were.
+    dst.wait_count(PASS, 2, Duration::from_secs(30));
+    assert_eq!(dst.count("PROBE READY"), 0, "{}", dst.console());
+    dst.execute("quit");
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -100,6 +100,8 @@ pub struct Settings {
     /// Wait for a migration stream (tcp:, unix:, exec:, fd:, file:) instead
     /// of booting the kernel.
     pub incoming: Option<String>,
+    /// Start with the vCPUs stopped until `cont` (QEMU's `-S`).
+    pub paused: Option<bool>,
 }
 
 impl Settings {
@@ -136,6 +138,7 @@ impl Settings {
             net: over.net.or(self.net),
             rng: over.rng.or(self.rng),
             incoming: over.incoming.or(self.incoming),
+            paused: over.paused.or(self.paused),
         }
     }
 
@@ -193,6 +196,7 @@ impl Settings {
                 Some(uri) => Some(uri.parse().map_err(ConfigError::Incoming)?),
                 None => None,
             },
+            paused: self.paused.unwrap_or(false),
         })
     }
 }
@@ -243,6 +247,9 @@ pub struct VmConfig {
     pub nics: Vec<NicConfig>,
     pub rng: bool,
     pub incoming: Option<MigrationUri>,
+    /// The vCPUs wait for `cont` after boot set-up or an incoming
+    /// migration instead of running at once.
+    pub paused: bool,
 }
 
 /// The host's RAM plus swap in bytes (`/proc/meminfo`), the most guest
@@ -326,7 +333,7 @@ mod tests {
         let toml_path = dir.join("vm.toml");
         std::fs::write(
             &toml_path,
-            "kernel = \"/k\"\nmemory = \"256M\"\nvcpus = 2\ncpu-profile = \"pvm-compat\"\n",
+            "kernel = \"/k\"\nmemory = \"256M\"\nvcpus = 2\ncpu-profile = \"pvm-compat\"\npaused = true\n",
         )
         .unwrap();
         let cfg = Settings::from_file(&toml_path)
@@ -335,6 +342,7 @@ mod tests {
             .unwrap();
         assert_eq!((cfg.memory, cfg.vcpus), (256 << 20, 2));
         assert_eq!(cfg.cpu_profile, CpuProfile::PvmCompat);
+        assert!(cfg.paused);
         let json_path = dir.join("vm.json");
         std::fs::write(&json_path, r#"{"kernel": "/k", "memory": 64}"#).unwrap();
         let over = Settings {
@@ -347,6 +355,7 @@ mod tests {
             .into_config()
             .unwrap();
         assert_eq!((cfg.memory, cfg.vcpus), (64 << 20, 3));
+        assert!(!cfg.paused, "not paused unless asked");
         std::fs::write(&toml_path, "kernel = \"/k\"\nmemroy = 1\n").unwrap();
         let err = Settings::from_file(&toml_path).unwrap_err().to_string();
         assert!(err.contains("memroy") && err.contains("vm.toml"), "{err}");

@@ -150,12 +150,13 @@ impl Kicker {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU; they run at once.
-    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext) -> Result<Self, VcpusError> {
+    /// Starts one thread per vCPU; they run at once, or with `paused` wait
+    /// for [`Vcpus::resume`] before their first KVM_RUN.
+    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext, paused: bool) -> Result<Self, VcpusError> {
         install_kick_handler()?;
         let control = Arc::new(RunControl {
             shared: Mutex::new(Shared {
-                target: Target::Run,
+                target: if paused { Target::Pause } else { Target::Run },
                 parked: 0,
             }),
             changed: Condvar::new(),

@@ -143,7 +143,8 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM and starts the vCPUs: from the kernel, or, with
     /// `incoming`, from the state an incoming migration brings (disks are
-    /// opened again after the stream, so they are read fresh).
+    /// opened again after the stream, so they are read fresh). With
+    /// `config.paused` the vCPUs wait for [`Vm::resume`] either way.
     pub fn start(
         config: &VmConfig,
         console: Console,
@@ -211,6 +212,7 @@ impl Vm {
                 failures: sinks.failures,
                 throttle: sinks.throttle,
             },
+            config.paused,
         )?;
         Ok(Vm {
             fd,
@@ -222,7 +224,7 @@ impl Vm {
             msr_indices,
             serial,
             virtio,
-            paused: false,
+            paused: config.paused,
         })
     }
 
