@@ -2,7 +2,6 @@
 //! ranges sparse and compressing clusters on several threads.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 mod pipeline;
@@ -282,7 +281,9 @@ struct Chunk {
 /// requests), each reading a chunk into its own buffer and writing it when
 /// its turn comes: reads overlap writes, and the target is still written
 /// in guest order so its layout stays sequential. The calling thread is
-/// one of them (it alone reports progress).
+/// one of them (it alone reports progress). The chunks and their extents
+/// come from one `Plan`, so the source is asked about each extent once,
+/// not once per thread that meets it.
 fn copy_plain(
     src: &Concat,
     dst: &dyn BlockDevice,
@@ -291,9 +292,12 @@ fn copy_plain(
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
     let workers = opts.threads.max(1);
-    let next = AtomicU64::new(0);
+    let plan = Mutex::new(Plan {
+        next: 0,
+        known: None,
+    });
     let turn = Turn::new(workers);
-    let run = |progress: &mut dyn FnMut(f64)| copy_chunks(src, dst, opts, &next, &turn, progress);
+    let run = |progress: &mut dyn FnMut(f64)| copy_chunks(src, dst, opts, &plan, &turn, progress);
     std::thread::scope(|s| {
         let others: Vec<_> = (1..workers).map(|_| s.spawn(|| run(&mut |_| {}))).collect();
         let mut result = run(progress);
@@ -308,6 +312,38 @@ fn copy_plain(
         }
         result
     })
+}
+
+/// Hands out the chunks in order, with their extents.
+struct Plan {
+    /// The number of the next chunk.
+    next: u64,
+    known: Known,
+}
+
+impl Plan {
+    /// The next chunk's number and extents; None past the end.
+    fn claim(&mut self, src: &Concat) -> Option<(u64, Result<Chunk>)> {
+        let i = self.next;
+        let start = i * CHUNK;
+        if start >= src.size {
+            return None;
+        }
+        self.next += 1;
+        let end = (src.size - start).min(CHUNK) + start;
+        Some((i, self.extents(src, start, end)))
+    }
+
+    fn extents(&mut self, src: &Concat, start: u64, end: u64) -> Result<Chunk> {
+        let mut extents = Vec::new();
+        let mut at = start;
+        while at < end {
+            let (kind, n) = src.status_upto(&mut self.known, at, end)?;
+            extents.push((at, n, kind));
+            at += n;
+        }
+        Ok(Chunk { start, extents })
+    }
 }
 
 /// Whose turn it is to write: the number of the next chunk, or that a
@@ -371,56 +407,42 @@ fn copy_chunks(
     src: &Concat,
     dst: &dyn BlockDevice,
     opts: &ConvertOptions,
-    next: &AtomicU64,
+    plan: &Mutex<Plan>,
     turn: &Turn,
     progress: &mut dyn FnMut(f64),
 ) -> Result<()> {
     let mut buf = AlignedBuf::page(CHUNK as usize);
-    let mut known = None;
     let _guard = FailOnUnwind(turn);
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let at = i * CHUNK;
-        if at >= src.size {
+        let claimed = plan.lock().unwrap_or_else(|e| e.into_inner()).claim(src);
+        let Some((i, chunk)) = claimed else {
             return Ok(());
-        }
-        let len = (src.size - at).min(CHUNK);
-        let chunk = read_chunk(src, &mut known, at, len, &mut buf);
+        };
+        let chunk = chunk.and_then(|c| read_chunk(src, c, &mut buf));
         if !turn.wait(i) {
             return Ok(());
         }
         let written =
             chunk.and_then(|c| write_chunk(dst, &c, &buf, opts, src.explicit_zeroes(opts)));
-        match written {
-            Ok(()) => turn.pass(i),
-            Err(e) => {
-                turn.fail();
-                return Err(e);
-            }
+        if let Err(e) = written {
+            turn.fail();
+            return Err(e);
         }
-        progress((at + len) as f64 * 100.0 / src.size as f64);
+        turn.pass(i);
+        let done = ((i + 1) * CHUNK).min(src.size);
+        progress(done as f64 * 100.0 / src.size as f64);
     }
 }
 
-fn read_chunk(
-    src: &Concat,
-    known: &mut Known,
-    start: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<Chunk> {
-    let mut extents = Vec::new();
-    let mut at = start;
-    while at < start + len {
-        let (kind, n) = src.status_upto(known, at, start + len)?;
+/// Reads the data extents of `chunk` into `buf`.
+fn read_chunk(src: &Concat, chunk: Chunk, buf: &mut [u8]) -> Result<Chunk> {
+    for &(at, n, kind) in &chunk.extents {
         if kind == Extent::Data {
-            let i = (at - start) as usize;
+            let i = (at - chunk.start) as usize;
             src.read(&mut buf[i..i + n as usize], at)?;
         }
-        extents.push((at, n, kind));
-        at += n;
     }
-    Ok(Chunk { start, extents })
+    Ok(chunk)
 }
 
 fn write_chunk(
