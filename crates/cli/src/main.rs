@@ -9,6 +9,7 @@ mod cloud_localds;
 mod daemon;
 mod img;
 mod lb;
+mod libm_shim;
 mod virsh;
 mod vmm;
 
