@@ -407,16 +407,18 @@ impl Manager {
         name: &str,
         incoming: Option<&str>,
     ) -> Result<(), ManagerError> {
-        self.start_with(name, None, incoming).await
+        self.start_with(name, None, incoming, false).await
     }
 
     /// Starts a domain with `def` (default: its definition): a saved state
-    /// must run with the definition it was saved from.
+    /// must run with the definition it was saved from. `paused`: its vCPUs
+    /// wait for `resume` (the VMM's `--paused`).
     pub(crate) async fn start_with(
         &self,
         name: &str,
         def: Option<DomainDef>,
         incoming: Option<&str>,
+        paused: bool,
     ) -> Result<(), ManagerError> {
         let current = self.with(name, |d| {
             if d.state.is_active() {
@@ -441,10 +443,15 @@ impl Manager {
             })?;
         }
         let persistent = self.with(name, |d| Ok(d.persistent))?;
-        let (live, waiter) = supervise::launch(&self.0.opts, &def, persistent, incoming).await?;
+        let (live, waiter) =
+            supervise::launch(&self.0.opts, &def, persistent, incoming, paused).await?;
         let pid = live.record.pid;
         self.with(name, |d| {
-            d.state = State::Running;
+            d.state = if paused {
+                State::Paused
+            } else {
+                State::Running
+            };
             d.reason = match incoming {
                 Some(uri) if uri.starts_with("file:") => Reason::Restored,
                 Some(_) => Reason::MigratedIn,

@@ -126,25 +126,14 @@ impl Manager {
     }
 
     /// Runs the domain from a saved state with the definition it was saved
-    /// with, paused again if it was, and gives it `reason`.
+    /// with, and gives it `reason`. A guest saved paused comes back paused
+    /// (the VMM's `--paused`) and does not run in between.
     async fn resume_from(&self, domain: &str, pause: Pause) -> Result<(), ManagerError> {
         let uri = format!("file:{}", pause.state_file.display());
-        self.start_with(domain, Some(pause.def), Some(&uri)).await?;
-        let state = if pause.paused {
-            let live = self.live(domain, "pause")?;
-            crate::vmm_client::execute(&live.api, "stop")
-                .await
-                .map_err(|source| ManagerError::Vmm {
-                    domain: domain.to_owned(),
-                    source,
-                })?;
-            State::Paused
-        } else {
-            State::Running
-        };
+        self.start_with(domain, Some(pause.def), Some(&uri), pause.paused)
+            .await?;
         self.with(domain, |d| {
             if d.live.is_some() {
-                d.state = state;
                 d.reason = pause.reason;
             }
             Ok(())

@@ -102,12 +102,14 @@ pub fn vmm_args(
 }
 
 /// Creates the cgroups, spawns the VMM, moves it and its vCPU threads into
-/// place and records it. On failure nothing is left running.
+/// place and records it. On failure nothing is left running. `paused`: the
+/// guest does not run until `cont`.
 pub(crate) async fn launch(
     opts: &ManagerOptions,
     def: &DomainDef,
     persistent: bool,
     incoming: Option<&str>,
+    paused: bool,
 ) -> Result<(Live, Waiter), ManagerError> {
     let name = def.name.as_str();
     let paths = &opts.paths;
@@ -139,7 +141,7 @@ pub(crate) async fn launch(
     let spawned = spawn(
         opts,
         def,
-        (&run_dir, incoming, seed.as_deref()),
+        (&run_dir, incoming, seed.as_deref(), paused),
         &taps,
         cgroup.as_ref(),
         &vmm_log_path,
@@ -260,7 +262,7 @@ pub(crate) async fn reconnect_console(run_dir: &Path, console_log: &Path) -> Opt
 fn spawn(
     opts: &ManagerOptions,
     def: &DomainDef,
-    (run_dir, incoming, seed): (&Path, Option<&str>, Option<&Path>),
+    (run_dir, incoming, seed, paused): (&Path, Option<&str>, Option<&Path>, bool),
     taps: &[String],
     cgroup: Option<&DomainCgroup>,
     vmm_log_path: &Path,
@@ -280,6 +282,7 @@ fn spawn(
     let mut command = Command::new(&opts.vmm_binary);
     command
         .args(vmm_args(def, run_dir, taps, incoming, seed))
+        .args(paused.then_some("--paused"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(vmm_log))

@@ -142,7 +142,14 @@ fn heavy_live_snapshot_with_memory_reverts_the_running_guest() {
     d.ok(&["start", "keep"]);
     d.ok(&["snapshot-revert", "keep", "asleep"]);
     assert_state(&d, "paused (from snapshot)");
+    // Its VMM started it paused: the guest has not run since the revert.
     let mark = console(&d).len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        console(&d).len(),
+        mark,
+        "the reverted guest ran while paused"
+    );
     d.ok(&["resume", "keep"]);
     passes_after(&d, mark, 2);
     d.ok(&["snapshot-revert", "keep", "off"]);
