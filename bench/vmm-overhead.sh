@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The "RSS beyond touched guest RAM" row of bench/vmm.sh on its own, for
-# comparing builds of `oxvirt`: every run starts each given binary in turn
+# comparing builds of `oxvirt`: the binaries' file pages are dropped from
+# the page cache first, then every run starts each binary in turn
 # (interleaved, so page cache and load fall on all alike) and the medians
 # are printed with a split by mapping (binary text, its other mappings,
 # shared libraries, anonymous memory).
@@ -61,6 +62,14 @@ def overhead(binary):
     p.kill(); p.wait()
     return parts
 binaries = sys.argv[1:]
+# Text RSS counts the pages fault-around finds in the page cache, which
+# depends on how the file got there (written by the linker, copied, read):
+# every binary starts from the disk alike.
+os.sync()
+for b in binaries:
+    fd = os.open(b, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
 res = {b: [] for b in binaries}
 for _ in range(int(env["RUNS"])):
     for b in binaries:
