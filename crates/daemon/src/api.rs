@@ -41,31 +41,42 @@ pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) ErrorBody);
 
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(
-            status,
-            ErrorBody {
-                code: e.code().to_owned(),
-                message: e.to_string(),
-                domain: e.domain().map(str::to_owned),
-                field: e.field().map(str::to_owned),
-            },
+        ApiError::new(
+            e.http_status(),
+            e.code(),
+            e.to_string(),
+            e.domain(),
+            e.field(),
         )
     }
 }
 
 impl ApiError {
-    fn bad_request(message: String, field: Option<&str>) -> Self {
+    /// The error a module's error enum maps to (its status, code and field).
+    pub(crate) fn new(
+        status: u16,
+        code: &str,
+        message: String,
+        domain: Option<&str>,
+        field: Option<&str>,
+    ) -> Self {
         ApiError(
-            StatusCode::BAD_REQUEST,
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             ErrorBody {
-                code: "bad_request".into(),
+                code: code.to_owned(),
                 message,
-                domain: None,
+                domain: domain.map(str::to_owned),
                 field: field.map(str::to_owned),
             },
         )
+    }
+
+    pub(crate) fn bad_request(message: String, field: Option<&str>) -> Self {
+        ApiError::new(400, "bad_request", message, None, field)
+    }
+
+    pub(crate) fn internal(message: String) -> Self {
+        ApiError::new(500, "internal", message, None, None)
     }
 }
 
@@ -78,17 +89,9 @@ impl IntoResponse for ApiError {
 pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
 pub(crate) fn ok(value: impl Serialize) -> ApiResult {
-    serde_json::to_value(value).map(Json).map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorBody {
-                code: "internal".into(),
-                message: e.to_string(),
-                domain: None,
-                field: None,
-            },
-        )
-    })
+    serde_json::to_value(value)
+        .map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Parses a JSON body; an empty body is `{}`.

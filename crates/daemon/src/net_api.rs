@@ -11,7 +11,7 @@ use hyper::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{body, flag, ok, ApiError, ApiResult, DefineRequest, ErrorBody};
+use crate::api::{body, flag, ok, ApiError, ApiResult, DefineRequest};
 use crate::client::{Client, ClientError};
 use crate::devices::nic_id;
 use crate::manager::Manager;
@@ -22,17 +22,7 @@ use crate::network::{
 
 impl From<NetworkError> for ApiError {
     fn from(e: NetworkError) -> Self {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(
-            status,
-            ErrorBody {
-                code: e.code().to_owned(),
-                message: e.to_string(),
-                domain: None,
-                field: e.field().map(str::to_owned),
-            },
-        )
+        ApiError::new(e.http_status(), e.code(), e.to_string(), None, e.field())
     }
 }
 
@@ -56,17 +46,7 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 ) -> ApiResult {
     let result = tokio::task::spawn_blocking(move || f(&m.0.networks))
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorBody {
-                    code: "internal".into(),
-                    message: format!("network task: {e}"),
-                    domain: None,
-                    field: None,
-                },
-            )
-        })?;
+        .map_err(|e| ApiError::internal(format!("network task: {e}")))?;
     ok(result?)
 }
 

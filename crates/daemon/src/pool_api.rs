@@ -11,24 +11,14 @@ use hyper::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{body, flag, ok, ApiError, ApiResult, DefineRequest, ErrorBody};
+use crate::api::{body, flag, ok, ApiError, ApiResult, DefineRequest};
 use crate::client::{seg, Client, ClientError};
 use crate::manager::Manager;
 use crate::pool::{DiskUser, PoolError, PoolInfo, Pools, ResizeRequest, VolumeInfo, VolumeRequest};
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(
-            status,
-            ErrorBody {
-                code: e.code().to_owned(),
-                message: e.to_string(),
-                domain: None,
-                field: e.field().map(str::to_owned),
-            },
-        )
+        ApiError::new(e.http_status(), e.code(), e.to_string(), None, e.field())
     }
 }
 
@@ -90,17 +80,7 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
 ) -> ApiResult {
     let result = tokio::task::spawn_blocking(move || f(&m, &m.0.pools))
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorBody {
-                    code: "internal".into(),
-                    message: format!("storage pool task: {e}"),
-                    domain: None,
-                    field: None,
-                },
-            )
-        })?;
+        .map_err(|e| ApiError::internal(format!("storage pool task: {e}")))?;
     ok(result?)
 }
 
@@ -243,17 +223,7 @@ async fn volume_by_path(
     State(m): State<Manager>,
     query: Result<Query<PathQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    let Query(q) = query.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            ErrorBody {
-                code: "bad_request".into(),
-                message: e.body_text(),
-                domain: None,
-                field: Some("path".into()),
-            },
-        )
-    })?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text(), Some("path")))?;
     blocking(m, move |_, p| p.volume_by_path(&q.path)).await
 }
 
