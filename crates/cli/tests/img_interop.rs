@@ -625,3 +625,77 @@ fn odd_sized_raw_converts_like_qemu() {
         assert_eq!(v["virtual-size"], 100_352);
     }
 }
+
+/// The copy's options (`-W`, `-m`, `-S`, `-n`) against qemu-img's on a
+/// qcow2 of several 2 MiB chunks holding data, zeroes written as data, a
+/// zero cluster and unallocated ranges: the same bytes, the same holes.
+#[test]
+fn convert_options_match_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("src.qcow2");
+    ok(
+        run("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "12M"]),
+        "create",
+    );
+    qemu_io(
+        &src,
+        "qcow2",
+        &[
+            "write -P 0x11 0 5M",
+            "write -P 0 1M 256k",
+            "write -P 0x22 7M 2112k",
+            "write -z 8M 64k",
+            "write -P 0x33 11M 4k",
+        ],
+    );
+    let raw_map = |p: &Path| {
+        let out = run("qemu-img", &["map", "--output=json", "-f", "raw", s(p)]);
+        String::from_utf8(ok(out, "map").stdout).unwrap()
+    };
+    let allocated = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    for opts in [&[][..], &["-W"], &["-m", "1"], &["-m", "16"], &["-S", "0"]] {
+        let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+        let args = |out: &Path| {
+            let mut a = vec!["convert"];
+            a.extend_from_slice(opts);
+            a.extend(["-O", "raw", s(&src)]);
+            a.push(s(out).to_string().leak());
+            a
+        };
+        ok(ox(&args(&ours)), "oxvirt convert");
+        ok(run("qemu-img", &args(&theirs)), "qemu-img convert");
+        let what = format!("convert {opts:?}");
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{what}: contents differ"
+        );
+        if opts == ["-S", "0"] {
+            // qemu-img allocates zeroes with fallocate, which SEEK_DATA
+            // reports as holes: compare the allocation instead.
+            assert_eq!(allocated(&ours), 12 << 20, "{what}: not fully allocated");
+            assert_eq!(allocated(&theirs), 12 << 20);
+        } else {
+            assert_eq!(raw_map(&ours), raw_map(&theirs), "{what}: holes differ");
+        }
+        std::fs::remove_file(&ours).unwrap();
+        std::fs::remove_file(&theirs).unwrap();
+    }
+    // -n: an existing target full of 0xff ends up equal to the source.
+    let target = d.join("target.raw");
+    std::fs::write(&target, vec![0xffu8; 12 << 20]).unwrap();
+    ok(
+        ox(&["convert", "-n", "-O", "raw", s(&src), s(&target)]),
+        "convert -n",
+    );
+    ok(
+        run("qemu-img", &["compare", "-q", s(&src), s(&target)]),
+        "compare after -n",
+    );
+}

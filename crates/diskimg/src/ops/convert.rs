@@ -2,13 +2,12 @@
 //! ranges sparse and compressing clusters on several threads.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 
 mod pipeline;
+mod plain;
 
 use super::chain_status;
 use crate::block::{Allocation, BlockDevice};
-use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::image::{probe, resolve_backing, Chain, Format};
 use crate::qcow2::create::{create, CreateOptions};
@@ -261,241 +260,12 @@ fn copy(
     progress(0.0);
     match &target {
         Target::Compressed(q) => pipeline::copy_compressed(src, q, opts, progress)?,
-        Target::Plain(d) => copy_plain(src, d.as_ref(), dest, opts, progress)?,
+        Target::Plain(d) => plain::copy_plain(src, d.as_ref(), dest, opts, progress)?,
     }
     if opts.flush {
         dev.flush()?;
     }
     progress(100.0);
-    Ok(())
-}
-
-/// The extents of one chunk of the source (offset, length, what it
-/// holds); the data of those that hold data is in the reader's buffer.
-struct Chunk {
-    start: u64,
-    extents: Vec<(u64, u64, Extent)>,
-}
-
-/// Copies through the trait on `-m` threads (qemu-img's parallel
-/// requests), each reading a chunk into its own buffer and writing it when
-/// its turn comes: reads overlap writes, and the target is still written
-/// in guest order so its layout stays sequential. The calling thread is
-/// one of them (it alone reports progress). The chunks and their extents
-/// come from one `Plan`, so the source is asked about each extent once,
-/// not once per thread that meets it.
-fn copy_plain(
-    src: &Concat,
-    dst: &dyn BlockDevice,
-    dest: &Path,
-    opts: &ConvertOptions,
-    progress: &mut dyn FnMut(f64),
-) -> Result<()> {
-    let workers = opts.threads.max(1);
-    let plan = Mutex::new(Plan {
-        next: 0,
-        known: None,
-    });
-    let turn = Turn::new(workers);
-    let run = |progress: &mut dyn FnMut(f64)| copy_chunks(src, dst, opts, &plan, &turn, progress);
-    std::thread::scope(|s| {
-        let others: Vec<_> = (1..workers).map(|_| s.spawn(|| run(&mut |_| {}))).collect();
-        let mut result = run(progress);
-        for h in others {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(Error::Usage(format!(
-                    "{}: a copying thread panicked",
-                    dest.display()
-                )))
-            });
-            result = result.and(r);
-        }
-        result
-    })
-}
-
-/// Hands out the chunks in order, with their extents.
-struct Plan {
-    /// The number of the next chunk.
-    next: u64,
-    known: Known,
-}
-
-impl Plan {
-    /// The next chunk's number and extents; None past the end.
-    fn claim(&mut self, src: &Concat) -> Option<(u64, Result<Chunk>)> {
-        let i = self.next;
-        let start = i * CHUNK;
-        if start >= src.size {
-            return None;
-        }
-        self.next += 1;
-        let end = (src.size - start).min(CHUNK) + start;
-        Some((i, self.extents(src, start, end)))
-    }
-
-    fn extents(&mut self, src: &Concat, start: u64, end: u64) -> Result<Chunk> {
-        let mut extents = Vec::new();
-        let mut at = start;
-        while at < end {
-            let (kind, n) = src.status_upto(&mut self.known, at, end)?;
-            extents.push((at, n, kind));
-            at += n;
-        }
-        Ok(Chunk { start, extents })
-    }
-}
-
-/// Whose turn it is to write: the number of the next chunk, or that a
-/// writer failed (the others then stop). The chunks claimed and not yet
-/// written are at most one per worker and consecutive, so chunk `i`'s
-/// waiter is alone on condition variable `i % workers` and each write
-/// wakes only the next chunk's writer.
-struct Turn {
-    state: Mutex<(u64, bool)>,
-    changed: Vec<Condvar>,
-}
-
-impl Turn {
-    fn new(workers: usize) -> Turn {
-        Turn {
-            state: Mutex::new((0, false)),
-            changed: (0..workers).map(|_| Condvar::new()).collect(),
-        }
-    }
-
-    fn cv(&self, i: u64) -> &Condvar {
-        &self.changed[(i % self.changed.len() as u64) as usize]
-    }
-
-    /// Waits until chunk `i` may be written; false if a writer failed.
-    fn wait(&self, i: u64) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while st.0 != i && !st.1 {
-            st = self.cv(i).wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        !st.1
-    }
-
-    /// Chunk `i` is written: the next one may go.
-    fn pass(&self, i: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = i + 1;
-        self.cv(i + 1).notify_all();
-    }
-
-    /// A writer failed: every waiting one stops.
-    fn fail(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.changed.iter().for_each(Condvar::notify_all);
-    }
-}
-
-/// Fails the copy if its thread unwinds, so that no writer waits forever
-/// for a turn that will not come.
-struct FailOnUnwind<'a>(&'a Turn);
-
-impl Drop for FailOnUnwind<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.fail();
-        }
-    }
-}
-
-fn copy_chunks(
-    src: &Concat,
-    dst: &dyn BlockDevice,
-    opts: &ConvertOptions,
-    plan: &Mutex<Plan>,
-    turn: &Turn,
-    progress: &mut dyn FnMut(f64),
-) -> Result<()> {
-    let mut buf = AlignedBuf::page(CHUNK as usize);
-    let _guard = FailOnUnwind(turn);
-    loop {
-        let claimed = plan.lock().unwrap_or_else(|e| e.into_inner()).claim(src);
-        let Some((i, chunk)) = claimed else {
-            return Ok(());
-        };
-        let chunk = chunk.and_then(|c| read_chunk(src, c, &mut buf));
-        if !turn.wait(i) {
-            return Ok(());
-        }
-        let written =
-            chunk.and_then(|c| write_chunk(dst, &c, &buf, opts, src.explicit_zeroes(opts)));
-        if let Err(e) = written {
-            turn.fail();
-            return Err(e);
-        }
-        turn.pass(i);
-        let done = ((i + 1) * CHUNK).min(src.size);
-        progress(done as f64 * 100.0 / src.size as f64);
-    }
-}
-
-/// Reads the data extents of `chunk` into `buf`.
-fn read_chunk(src: &Concat, chunk: Chunk, buf: &mut [u8]) -> Result<Chunk> {
-    for &(at, n, kind) in &chunk.extents {
-        if kind == Extent::Data {
-            let i = (at - chunk.start) as usize;
-            src.read(&mut buf[i..i + n as usize], at)?;
-        }
-    }
-    Ok(chunk)
-}
-
-fn write_chunk(
-    dst: &dyn BlockDevice,
-    chunk: &Chunk,
-    buf: &[u8],
-    opts: &ConvertOptions,
-    explicit_zeroes: bool,
-) -> Result<()> {
-    for &(at, n, kind) in &chunk.extents {
-        match kind {
-            Extent::Backing => {}
-            Extent::Zero if explicit_zeroes => dst.write_zeroes(at, n)?,
-            Extent::Zero => {}
-            Extent::Data => {
-                let i = (at - chunk.start) as usize;
-                let data = &buf[i..i + n as usize];
-                write_sparse(dst, data, at, opts.min_sparse, explicit_zeroes)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes `data`, skipping aligned zero runs of at least `min_sparse`
-/// (or writing them as zeroes, where `explicit_zeroes`).
-fn write_sparse(
-    dst: &dyn BlockDevice,
-    data: &[u8],
-    offset: u64,
-    min_sparse: u64,
-    explicit_zeroes: bool,
-) -> Result<()> {
-    let block = min_sparse as usize;
-    if block == 0 {
-        return dst.write_at(data, offset);
-    }
-    let mut i = 0;
-    while i < data.len() {
-        let zero = |j: usize| is_zero(&data[j..(j + block).min(data.len())]);
-        let kind = zero(i);
-        let mut j = i + block;
-        while j < data.len() && zero(j) == kind {
-            j += block;
-        }
-        let j = j.min(data.len());
-        if !kind {
-            dst.write_at(&data[i..j], offset + i as u64)?;
-        } else if explicit_zeroes {
-            dst.write_zeroes(offset + i as u64, (j - i) as u64)?;
-        }
-        i = j;
-    }
     Ok(())
 }
 
