@@ -2,8 +2,9 @@
 # oxvirt img vs qemu-img on the same inputs, in one run; prints wall times
 # and ratios (qemu-img time / oxvirt time: above 1 means oxvirt is faster),
 # and the same for CPU time (user + system, all threads), which still
-# means something when other work loads the machine. Each side runs twice
-# (oxvirt, qemu-img, qemu-img, oxvirt) and its best time counts.
+# means something when other work loads the machine. Each side runs
+# ROUNDS times (3; oxvirt and qemu-img take turns at going first) and its
+# best time counts.
 #
 #   bash bench/img.sh                  # 4 GiB image, 1 GiB of data
 #   SIZE_MB=1024 DATA_MB=256 bash bench/img.sh   # quicker
@@ -15,6 +16,7 @@ DATA_MB=${DATA_MB:-1024}
 CHECK_GB=${CHECK_GB:-16}
 IOPS_OPS=${IOPS_OPS:-200000}
 WARM_GB=${WARM_GB:-3}
+ROUNDS=${ROUNDS:-3}
 cargo build --release -p oxvirt-cli >/dev/null
 cargo build --release -p diskimg --example iops >/dev/null
 ox=${CARGO_TARGET_DIR:-target}/release/oxvirt
@@ -52,16 +54,21 @@ best() { # "wall cpu" lines -> the lowest wall time and the lowest CPU time
 }
 
 ab() { # name, fresh, oxvirt command (array name), qemu-img command (array name)
-    # Order oxvirt, qemu-img, qemu-img, oxvirt; each side's best of two.
-    # Whichever runs first after a change of files tends to be slower on
-    # a loaded machine, so neither side always goes first.
+    # ROUNDS rounds, oxvirt first in the even ones and qemu-img first in
+    # the odd ones (whichever runs first after a change of files tends to
+    # be slower on a loaded machine); each side's best.
     local -n ox_cmd=$3 q_cmd=$4
-    local o1 q1 q2 o2
-    o1=$(timed "$2" "${ox_cmd[@]}")
-    q1=$(timed "$2" "${q_cmd[@]}")
-    q2=$(timed "$2" "${q_cmd[@]}")
-    o2=$(timed "$2" "${ox_cmd[@]}")
-    row "$1" "$(best "$o1"$'\n'"$o2")" "$(best "$q1"$'\n'"$q2")"
+    local o="" q="" r
+    for ((r = 0; r < ROUNDS; r++)); do
+        if ((r % 2 == 0)); then
+            o+=$(timed "$2" "${ox_cmd[@]}")$'\n'
+            q+=$(timed "$2" "${q_cmd[@]}")$'\n'
+        else
+            q+=$(timed "$2" "${q_cmd[@]}")$'\n'
+            o+=$(timed "$2" "${ox_cmd[@]}")$'\n'
+        fi
+    done
+    row "$1" "$(best "${o%$'\n'}")" "$(best "${q%$'\n'}")"
 }
 
 row() { # name, "oxvirt wall cpu", "qemu-img wall cpu"
@@ -126,7 +133,10 @@ for mode in read write; do
     # In one process the files take turns, 20 rounds each (so load from
     # elsewhere falls on both alike); two runs, each file first once, and
     # each side's best.
+    # sync: no run shares the disk with the last one's writeback.
+    sync
     mapfile -t a < <("$iops" "$IOPS_OPS" $mode "$work/io.qcow2" "$work/io.raw")
+    sync
     mapfile -t b < <("$iops" "$IOPS_OPS" $mode "$work/io.raw" "$work/io.qcow2")
     read -r qw qc <<<"$(most "${a[0]}"$'\n'"${b[1]}")"
     read -r rw rc <<<"$(most "${a[1]}"$'\n'"${b[0]}")"
